@@ -1,0 +1,69 @@
+"""manager: lifecycle manager for ZEGOCLOUD Single Stream Transcoding tasks."""
+
+from __future__ import annotations
+
+import os
+
+from flask import Flask, g
+from sqlalchemy.orm import Session
+
+from .config import Settings
+from .db import make_engine, make_session_factory
+from .errors import register_error_handlers
+
+# Callbacks are a few hundred bytes; anything this large is refused unread.
+MAX_BODY_BYTES = 64 * 1024
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Application factory: settings are read once here, never at import time."""
+    app = Flask(__name__, instance_relative_config=True)
+    if settings is None:
+        settings = Settings.from_env(instance_path=app.instance_path)
+    app.config["SECRET_KEY"] = settings.secret_key
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+    app.config["SESSION_COOKIE_HTTPONLY"] = True
+    app.config["SESSION_COOKIE_SAMESITE"] = "Lax"
+    if settings.is_sqlite:
+        os.makedirs(app.instance_path, exist_ok=True)
+
+    engine = make_engine(settings.database_url)
+    app.extensions["manager.settings"] = settings
+    app.extensions["manager.engine"] = engine
+    app.extensions["manager.sessions"] = make_session_factory(engine)
+
+    @app.teardown_appcontext
+    def _close_session(_exc: BaseException | None) -> None:
+        session = g.pop("db_session", None)
+        if session is not None:
+            session.close()
+
+    register_error_handlers(app)
+
+    from .web import api, callbacks, ops
+
+    app.register_blueprint(ops.bp)
+    app.register_blueprint(callbacks.bp)
+    app.register_blueprint(api.bp)
+
+    from .cli import register_commands
+
+    register_commands(app)
+    return app
+
+
+def get_session() -> Session:
+    """The session of the current app context, opened on first use."""
+    from flask import current_app
+
+    if "db_session" not in g:
+        g.db_session = current_app.extensions["manager.sessions"]()
+    session: Session = g.db_session
+    return session
+
+
+def get_settings() -> Settings:
+    from flask import current_app
+
+    settings: Settings = current_app.extensions["manager.settings"]
+    return settings

@@ -1,0 +1,34 @@
+"""Prometheus metrics; multi-process aware when gunicorn runs several workers."""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+DELIVERIES = Counter(
+    "manager_callback_deliveries_total",
+    "Callback deliveries received, by verdict and reason",
+    ["verdict", "reason"],
+)
+CALLBACK_LATENCY = Histogram(
+    "manager_callback_seconds",
+    "Time to verify, apply and commit one callback",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text; aggregated over all workers when PROMETHEUS_MULTIPROC_DIR is set."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(), CONTENT_TYPE_LATEST

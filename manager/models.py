@@ -1,0 +1,137 @@
+"""ORM models: tasks, every callback delivery, the nonce ledger and API tokens."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    SmallInteger,
+    String,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column
+
+from .db import Base
+
+TASK_STATUSES = ("running", "stopping", "stopped", "failed")
+VERDICTS = ("applied", "duplicate", "stale", "rejected")
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class Task(Base):
+    """The current state of one transcoding task, plus the ordering registers behind it.
+
+    Times are naive UTC. (state_seq, state_rank) is the position of whatever decided
+    the status; details_* and run_start_* are separate max/min registers so that the
+    final row does not depend on the order deliveries arrived in.
+    """
+
+    __tablename__ = "tasks"
+    __table_args__ = (
+        UniqueConstraint("app_id", "task_id"),
+        CheckConstraint(_in("status", TASK_STATUSES), name="status"),
+        Index("ix_tasks_status_updated_at", "status", "updated_at"),
+        Index("ix_tasks_owner", "owner"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    app_id: Mapped[int] = mapped_column(BigInteger)
+    task_id: Mapped[str] = mapped_column(String(256))
+    owner: Mapped[str | None] = mapped_column(String(256))
+    status: Mapped[str] = mapped_column(String(16))
+    stop_reason: Mapped[int | None] = mapped_column(SmallInteger)
+
+    state_seq: Mapped[int] = mapped_column(BigInteger)
+    state_rank: Mapped[int] = mapped_column(SmallInteger)
+    max_seq: Mapped[int] = mapped_column(BigInteger)
+    owner_seq: Mapped[int | None] = mapped_column(BigInteger)
+    owner_rank: Mapped[int | None] = mapped_column(SmallInteger)
+    details_seq: Mapped[int | None] = mapped_column(BigInteger)
+    details_rank: Mapped[int | None] = mapped_column(SmallInteger)
+    input: Mapped[Any | None] = mapped_column(JSON)
+    outputs: Mapped[Any | None] = mapped_column(JSON)
+
+    runs: Mapped[int] = mapped_column(Integer, default=0)
+    run_floor_seq: Mapped[int] = mapped_column(BigInteger)
+    run_start_seq: Mapped[int | None] = mapped_column(BigInteger)
+    run_start_rank: Mapped[int | None] = mapped_column(SmallInteger)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime)
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+    first_seen_at: Mapped[datetime] = mapped_column(DateTime)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
+    last_delivery_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class Delivery(Base):
+    """One request that reached the callback endpoint, with its verdict."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        CheckConstraint(_in("verdict", VERDICTS), name="verdict"),
+        # The first delivery of an (Event, TaskId, Sequence, Status, StopReason) holds
+        # the key; a resend cannot insert it again and is recorded as a duplicate.
+        UniqueConstraint("event_key"),
+        Index("ix_deliveries_task_pk_id", "task_pk", "id"),
+        Index("ix_deliveries_received_at", "received_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    received_at: Mapped[datetime] = mapped_column(DateTime)
+    verdict: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(String(64))
+    event_key: Mapped[str | None] = mapped_column(String(64))
+    task_pk: Mapped[int | None] = mapped_column(
+        ForeignKey("tasks.id", ondelete="CASCADE"), nullable=True
+    )
+
+    app_id: Mapped[int | None] = mapped_column(BigInteger)
+    event: Mapped[str | None] = mapped_column(String(32))
+    task_id: Mapped[str | None] = mapped_column(String(256))
+    user_id: Mapped[str | None] = mapped_column(String(256))
+    sequence: Mapped[int | None] = mapped_column(BigInteger)
+    status: Mapped[str | None] = mapped_column(String(32))
+    stop_reason: Mapped[int | None] = mapped_column(SmallInteger)
+    zego_timestamp: Mapped[int | None] = mapped_column(BigInteger)
+    nonce: Mapped[str | None] = mapped_column(String(128))
+
+    remote_addr: Mapped[str | None] = mapped_column(String(64))
+    body_size: Mapped[int] = mapped_column(Integer)
+    raw_body: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class CallbackNonce(Base):
+    """(Timestamp, Nonce) pairs seen inside the freshness window, with the body they signed."""
+
+    __tablename__ = "callback_nonces"
+
+    zego_timestamp: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    nonce: Mapped[str] = mapped_column(String(128), primary_key=True)
+    body_sha256: Mapped[str] = mapped_column(String(64))
+    seen_at: Mapped[datetime] = mapped_column(DateTime, index=True)
+
+
+class ApiToken(Base):
+    """An operator bearer token; only its SHA-256 is stored."""
+
+    __tablename__ = "api_tokens"
+    __table_args__ = (UniqueConstraint("name"), UniqueConstraint("token_hash"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    token_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime)
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime)

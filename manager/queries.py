@@ -1,0 +1,160 @@
+"""Read-side helpers shared by the API, the CLI and the dashboard."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Select, select
+from sqlalchemy.orm import Session
+
+from .errors import ApiError
+from .models import TASK_STATUSES, Delivery, Task
+
+MAX_PAGE = 500
+HISTORY_LIMIT = 1000
+
+
+@dataclass(frozen=True)
+class TaskFilter:
+    status: str | None = None
+    owner: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    app_id: int | None = None
+
+
+def parse_time(name: str, raw: str | None) -> datetime | None:
+    """ISO 8601 or Unix seconds, as naive UTC; a bad value is a 400 naming the parameter."""
+    if raw is None or raw == "":
+        return None
+    try:
+        if raw.isdigit():
+            return datetime.fromtimestamp(int(raw), UTC).replace(tzinfo=None)
+        parsed = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except (ValueError, OverflowError, OSError):
+        raise ApiError(400, "invalid_parameter", f"{name} must be ISO 8601 or Unix seconds") from None
+    if parsed.tzinfo is not None:
+        parsed = parsed.astimezone(UTC).replace(tzinfo=None)
+    return parsed
+
+
+def parse_status(raw: str | None) -> str | None:
+    if raw in (None, ""):
+        return None
+    if raw not in TASK_STATUSES:
+        raise ApiError(400, "invalid_parameter", f"status must be one of {', '.join(TASK_STATUSES)}")
+    return raw
+
+
+def parse_limit(raw: str | None, default: int = 50) -> int:
+    if raw in (None, ""):
+        return default
+    assert raw is not None  # noqa: S101
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE:
+        raise ApiError(400, "invalid_parameter", f"limit must be an integer from 1 to {MAX_PAGE}")
+    return int(raw)
+
+
+def encode_cursor(task_pk: int) -> str:
+    return base64.urlsafe_b64encode(str(task_pk).encode()).decode().rstrip("=")
+
+
+def decode_cursor(raw: str | None) -> int | None:
+    if raw in (None, ""):
+        return None
+    assert raw is not None  # noqa: S101
+    try:
+        text = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode()
+        return int(text)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise ApiError(400, "invalid_parameter", "cursor is not one this API issued") from None
+
+
+def task_query(flt: TaskFilter) -> Select[tuple[Task]]:
+    query = select(Task)
+    if flt.app_id is not None:
+        query = query.where(Task.app_id == flt.app_id)
+    if flt.status:
+        query = query.where(Task.status == flt.status)
+    if flt.owner:
+        query = query.where(Task.owner == flt.owner)
+    if flt.since:
+        query = query.where(Task.first_seen_at >= flt.since)
+    if flt.until:
+        query = query.where(Task.first_seen_at < flt.until)
+    return query
+
+
+def list_tasks(
+    session: Session, flt: TaskFilter, limit: int, cursor: int | None
+) -> tuple[list[Task], int | None]:
+    """Newest first; returns the page and the cursor of the next one (None at the end)."""
+    query = task_query(flt).order_by(Task.id.desc()).limit(limit + 1)
+    if cursor is not None:
+        query = query.where(Task.id < cursor)
+    rows = list(session.execute(query).scalars())
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return rows, (rows[-1].id if more and rows else None)
+
+
+def find_task(session: Session, task_id: str, app_id: int | None) -> Task:
+    query = select(Task).where(Task.task_id == task_id)
+    if app_id is not None:
+        query = query.where(Task.app_id == app_id)
+    task = session.execute(query.order_by(Task.id).limit(1)).scalar_one_or_none()
+    if task is None:
+        raise ApiError(404, "unknown_task", f"no task {task_id!r}")
+    return task
+
+
+def task_deliveries(session: Session, task: Task) -> list[Delivery]:
+    query = (
+        select(Delivery)
+        .where(Delivery.task_pk == task.id)
+        .order_by(Delivery.id.desc())
+        .limit(HISTORY_LIMIT)
+    )
+    return list(session.execute(query).scalars())
+
+
+def iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat() + "Z"
+
+
+def task_json(task: Task) -> dict[str, Any]:
+    return {
+        "task_id": task.task_id,
+        "app_id": task.app_id,
+        "owner": task.owner,
+        "status": task.status,
+        "stop_reason": task.stop_reason,
+        "sequence": task.max_seq,
+        "runs": task.runs,
+        "input": task.input,
+        "outputs": task.outputs,
+        "first_seen_at": iso(task.first_seen_at),
+        "started_at": iso(task.started_at),
+        "ended_at": iso(task.ended_at),
+        "updated_at": iso(task.updated_at),
+        "last_delivery_at": iso(task.last_delivery_at),
+    }
+
+
+def delivery_json(d: Delivery) -> dict[str, Any]:
+    return {
+        "id": d.id,
+        "received_at": iso(d.received_at),
+        "event": d.event,
+        "user_id": d.user_id,
+        "sequence": d.sequence,
+        "status": d.status,
+        "stop_reason": d.stop_reason,
+        "timestamp": d.zego_timestamp,
+        "verdict": d.verdict,
+        "reason": d.reason,
+    }

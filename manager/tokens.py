@@ -1,0 +1,70 @@
+"""Operator bearer tokens: created once, stored as SHA-256, revocable."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from .errors import ApiError
+from .lifecycle import utcnow
+from .models import ApiToken
+
+TOKEN_PREFIX = "mgr_"
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    name: str
+    created_at: datetime
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+
+
+def hash_token(token: str) -> str:
+    # Tokens carry 256 random bits, so a plain SHA-256 is enough: no dictionary to attack.
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def create_token(session: Session, name: str) -> str:
+    """Store a new token under `name` and return it; it is never shown again."""
+    name = name.strip()
+    if not name or len(name) > 128:
+        raise ApiError(400, "invalid_name", "a token name is 1 to 128 characters")
+    if session.execute(select(ApiToken.id).where(ApiToken.name == name)).first():
+        raise ApiError(409, "token_exists", f"a token named {name!r} already exists")
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    session.add(ApiToken(name=name, token_hash=hash_token(token), created_at=utcnow()))
+    session.flush()
+    return token
+
+
+def list_tokens(session: Session) -> list[TokenInfo]:
+    rows = session.execute(select(ApiToken).order_by(ApiToken.name)).scalars()
+    return [TokenInfo(t.name, t.created_at, t.revoked_at, t.last_used_at) for t in rows]
+
+
+def revoke_token(session: Session, name: str) -> None:
+    result = session.execute(
+        update(ApiToken)
+        .where(ApiToken.name == name, ApiToken.revoked_at.is_(None))
+        .values(revoked_at=utcnow())
+    )
+    if result.rowcount == 0:  # type: ignore[attr-defined]
+        raise ApiError(404, "unknown_token", f"no active token named {name!r}")
+
+
+def authenticate(session: Session, token: str) -> str | None:
+    """The name of the active token, or None."""
+    row = session.execute(
+        select(ApiToken).where(
+            ApiToken.token_hash == hash_token(token), ApiToken.revoked_at.is_(None)
+        )
+    ).scalar_one_or_none()
+    if row is None:
+        return None
+    return row.name

@@ -1,0 +1,36 @@
+"""Bearer-token guard for the operator API."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import wraps
+from typing import Any, TypeVar
+
+from flask import g, request
+
+from .. import get_session
+from ..errors import ApiError
+from ..tokens import authenticate
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def current_token_name() -> str | None:
+    """The operator named by the request's bearer token, or None when absent or invalid."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return authenticate(get_session(), token.strip())
+
+
+def require_token(view: F) -> F:
+    @wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        name = current_token_name()
+        if name is None:
+            raise ApiError(401, "unauthorized", "a valid bearer token is required")
+        g.operator = name
+        return view(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,112 @@
+"""POST /callbacks/zego: verify, record and apply ZEGOCLOUD transcode callbacks."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, request
+from sqlalchemy.exc import SQLAlchemyError
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from .. import MAX_BODY_BYTES, get_session, get_settings
+from ..errors import error_response
+from ..lifecycle import apply_callback, utcnow
+from ..metrics import CALLBACK_LATENCY, DELIVERIES
+from ..models import Delivery
+from ..zego.callbacks import CallbackError, decode_body, parse_callback, verify_callback
+
+log = logging.getLogger(__name__)
+bp = Blueprint("callbacks", __name__)
+
+# Enough to audit any real callback; a flood of junk cannot grow the table fast.
+STORED_BODY_BYTES = 16 * 1024
+
+
+@bp.post("/callbacks/zego", defaults={"path_event": None})
+@bp.post("/callbacks/zego/<any(transcode_start, transcode_stop):path_event>")
+def receive(path_event: str | None) -> tuple[Response, int]:
+    started = time.perf_counter()
+    received_at = utcnow()
+    try:
+        response = _receive(path_event, received_at)
+    finally:
+        CALLBACK_LATENCY.observe(time.perf_counter() - started)
+    return response
+
+
+def _receive(path_event: str | None, received_at: Any) -> tuple[Response, int]:
+    raw, size = _read_body()
+    session = get_session()
+    try:
+        if size > MAX_BODY_BYTES:
+            raise CallbackError(413, "body_too_large", f"the body exceeds {MAX_BODY_BYTES} bytes")
+        settings = get_settings()
+        if settings.zego_app_id is None or not settings.callback_secrets:
+            raise CallbackError(
+                503, "not_configured", "ZEGO_APP_ID and ZEGO_CALLBACK_SECRET must be set"
+            )
+        cb = parse_callback(decode_body(raw, request.content_type), path_event)
+        verify_callback(
+            cb,
+            secrets_=settings.callback_secrets,
+            app_id=settings.zego_app_id,
+            now=time.time(),
+            max_age=settings.callback_max_age,
+        )
+        outcome = apply_callback(
+            session,
+            cb,
+            raw_body=raw[:STORED_BODY_BYTES],
+            body_size=size,
+            received_at=received_at,
+            remote_addr=request.remote_addr,
+        )
+        session.commit()
+    except CallbackError as exc:
+        session.rollback()
+        return _reject(exc, raw, size, received_at)
+    except SQLAlchemyError as exc:
+        session.rollback()
+        log.warning("callback not committed: %s", type(exc).__name__)
+        return error_response(503, "database_unavailable", "the callback could not be stored")
+    DELIVERIES.labels(outcome.verdict, outcome.reason or "").inc()
+    return jsonify({"code": 0, "verdict": outcome.verdict}), 200
+
+
+def _read_body() -> tuple[bytes, int]:
+    """Read at most one byte past the cap, whatever Content-Length claims."""
+    declared = request.content_length
+    if declared is not None and declared > MAX_BODY_BYTES:
+        return b"", declared
+    try:
+        raw = request.stream.read(MAX_BODY_BYTES + 1)
+    except RequestEntityTooLarge:  # a chunked body that went past MAX_CONTENT_LENGTH
+        return b"", MAX_BODY_BYTES + 1
+    return raw, len(raw)
+
+
+def _reject(exc: CallbackError, raw: bytes, size: int, received_at: Any) -> tuple[Response, int]:
+    """Record the refused delivery in its own transaction, then answer with the error."""
+    session = get_session()
+    audit = {k: v for k, v in exc.fields.items() if k in Delivery.__table__.columns}
+    try:
+        session.add(
+            Delivery(
+                received_at=received_at,
+                verdict="rejected",
+                reason=exc.code,
+                remote_addr=request.remote_addr,
+                body_size=size,
+                raw_body=raw[:STORED_BODY_BYTES],
+                **audit,
+            )
+        )
+        session.commit()
+    except SQLAlchemyError as db_exc:
+        session.rollback()
+        log.warning("rejected callback not recorded: %s", type(db_exc).__name__)
+        return error_response(503, "database_unavailable", "the callback could not be stored")
+    DELIVERIES.labels("rejected", exc.code).inc()
+    return error_response(exc.status, exc.code, exc.message)

@@ -1,0 +1,35 @@
+"""Service endpoints for load balancers and Prometheus; no auth."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, current_app, jsonify
+from sqlalchemy.exc import SQLAlchemyError
+
+from ..errors import error_response
+from ..metrics import render
+from ..migrate import is_at_head
+
+bp = Blueprint("ops", __name__)
+
+
+@bp.get("/healthz")
+def healthz() -> Response:
+    return jsonify({"status": "ok"})
+
+
+@bp.get("/readyz")
+def readyz() -> tuple[Response, int]:
+    engine = current_app.extensions["manager.engine"]
+    try:
+        at_head = is_at_head(engine)
+    except SQLAlchemyError:
+        return error_response(503, "database_unavailable", "the database cannot be reached")
+    if not at_head:
+        return error_response(503, "migrations_pending", "the schema is not at the latest revision")
+    return jsonify({"status": "ready"}), 200
+
+
+@bp.get("/metrics")
+def metrics() -> Response:
+    body, content_type = render()
+    return Response(body, content_type=content_type)

@@ -1,0 +1,264 @@
+"""Parse and verify a raw ZEGOCLOUD transcode callback into a typed value.
+
+Nothing here touches the database; see `manager.lifecycle` for what a verified
+callback does to a task.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, unquote, unquote_plus
+
+from .signing import callback_signature_matches
+
+EVENT_START = "transcode_start"
+EVENT_STOP = "transcode_stop"
+STATUS_STARTED = "TranscodeStarted"
+STATUS_UPDATED = "TranscodeUpdated"
+STATUS_STOPPED = "TranscodeStopped"
+
+MAX_ID_LENGTH = 256
+MAX_NONCE_LENGTH = 128
+INT64_MAX = 2**63 - 1
+
+
+class CallbackError(Exception):
+    """A callback that is refused; `status` and `code` become the JSON error."""
+
+    def __init__(self, status: int, code: str, message: str, fields: Mapping[str, Any] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        # Whatever could be read before the refusal, so the rejection is auditable.
+        self.fields: dict[str, Any] = dict(fields or {})
+
+
+@dataclass(frozen=True)
+class Callback:
+    event: str
+    app_id: int
+    timestamp: int
+    timestamp_text: str
+    nonce: str
+    signature: str = field(repr=False)
+    task_id: str
+    user_id: str | None
+    sequence: int
+    sequence_given: bool
+    status: str | None
+    stop_reason: int | None
+    input: dict[str, Any] | None
+    outputs: list[Any] | None
+    payload: dict[str, Any] = field(repr=False)
+
+    @property
+    def is_stop(self) -> bool:
+        return self.event == EVENT_STOP
+
+    def event_key(self) -> str:
+        """Identity of the event for duplicate detection (SPEC 3.2)."""
+        parts = [self.app_id, self.event, self.task_id, self.sequence, self.status, self.stop_reason]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+    def body_digest(self) -> str:
+        """Digest of the body's content, insensitive to key order and whitespace."""
+        canonical = json.dumps(self.payload, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def audit_fields(self) -> dict[str, Any]:
+        return {
+            "app_id": self.app_id,
+            "event": self.event,
+            "task_id": self.task_id,
+            "user_id": self.user_id,
+            "sequence": self.sequence,
+            "status": self.status,
+            "stop_reason": self.stop_reason,
+            "zego_timestamp": self.timestamp,
+            "nonce": self.nonce,
+        }
+
+
+def decode_body(raw: bytes, content_type: str | None = None) -> dict[str, Any]:
+    """Turn the body into a dict: JSON, percent-encoded JSON, or a form (field holding JSON)."""
+    if not raw.strip():
+        raise CallbackError(400, "empty_body", "the request body is empty")
+    try:
+        text = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise CallbackError(400, "invalid_encoding", "the request body is not UTF-8") from None
+    if text.startswith("{"):
+        return _json_object(text)
+    if text.startswith("%7B") or text.startswith("%7b"):
+        return _percent_encoded_json(text)
+    if "=" in text:
+        return _form(text)
+    raise CallbackError(400, "invalid_body", "the request body is neither JSON nor a form")
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        raise CallbackError(400, "invalid_json", "the request body is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise CallbackError(400, "invalid_json", "the request body must be a JSON object")
+    return value
+
+
+def _percent_encoded_json(text: str) -> dict[str, Any]:
+    # ZEGOCLOUD says "UrlDecode" without saying whether '+' means a space, so try both.
+    for decode in (unquote, unquote_plus):
+        try:
+            return _json_object(decode(text, errors="strict"))
+        except (CallbackError, UnicodeDecodeError):
+            continue
+    raise CallbackError(400, "invalid_json", "the percent-encoded body is not a JSON object")
+
+
+def _form(text: str) -> dict[str, Any]:
+    try:
+        pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=True, errors="strict")
+    except (ValueError, UnicodeDecodeError):
+        raise CallbackError(400, "invalid_body", "the form body could not be parsed") from None
+    fields = dict(pairs)
+    holders = [v for v in fields.values() if v.lstrip().startswith("{")]
+    if len(fields) == 1 and holders:
+        return _json_object(holders[0].strip())
+    return fields
+
+
+def _get(payload: Mapping[str, Any], name: str) -> Any:
+    """ZEGO's capitalised key, falling back to the lowercase spelling of sample code."""
+    if name in payload:
+        return payload[name]
+    return payload.get(name.lower())
+
+
+def _text(payload: Mapping[str, Any], name: str, *, required: bool, limit: int) -> str | None:
+    value = _get(payload, name)
+    if value is None or value == "":
+        if required:
+            raise CallbackError(400, "missing_field", f"{name} is required")
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise CallbackError(400, "invalid_field", f"{name} must be a string")
+    text = str(value)
+    if len(text) > limit:
+        raise CallbackError(400, "invalid_field", f"{name} is longer than {limit} characters")
+    return text
+
+
+def _integer(
+    payload: Mapping[str, Any], name: str, *, required: bool, low: int = 0, high: int = INT64_MAX
+) -> int | None:
+    value = _get(payload, name)
+    if value is None or value == "":
+        if required:
+            raise CallbackError(400, "missing_field", f"{name} is required")
+        return None
+    number: int | None = None
+    if isinstance(value, bool):
+        number = None
+    elif isinstance(value, int):
+        number = value
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    elif isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+        number = int(value.strip())
+    if number is None:
+        raise CallbackError(400, "invalid_field", f"{name} must be an integer")
+    if not low <= number <= high:
+        raise CallbackError(400, "invalid_field", f"{name} must be between {low} and {high}")
+    return number
+
+
+def parse_callback(payload: dict[str, Any], path_event: str | None = None) -> Callback:
+    """Validate the fields of a decoded body; every problem is a 400 naming the field."""
+    event = _text(payload, "Event", required=path_event is None, limit=32) or path_event
+    if event not in (EVENT_START, EVENT_STOP):
+        raise CallbackError(400, "invalid_field", "Event must be transcode_start or transcode_stop")
+    if path_event is not None and event != path_event:
+        raise CallbackError(400, "invalid_field", f"Event {event} was posted to {path_event}")
+
+    timestamp = _integer(payload, "Timestamp", required=True)
+    nonce = _text(payload, "Nonce", required=True, limit=MAX_NONCE_LENGTH)
+    signature = _text(payload, "Signature", required=True, limit=128)
+    app_id = _integer(payload, "Appid", required=True, high=2**32 - 1)
+    task_id = _text(payload, "TaskId", required=True, limit=MAX_ID_LENGTH)
+    sequence = _integer(payload, "Sequence", required=False)
+    status = _text(payload, "Status", required=event == EVENT_START, limit=32)
+    user_id = _text(payload, "UserId", required=event == EVENT_START, limit=MAX_ID_LENGTH)
+    stop_reason = None
+    if event == EVENT_START:
+        if status not in (STATUS_STARTED, STATUS_UPDATED):
+            raise CallbackError(
+                400, "invalid_field", "Status must be TranscodeStarted or TranscodeUpdated"
+            )
+    else:
+        stop_reason = _integer(payload, "StopReason", required=True, high=1)
+    input_, outputs = _details(payload)
+    assert timestamp is not None and nonce is not None and signature is not None  # noqa: S101
+    assert app_id is not None and task_id is not None  # noqa: S101
+    return Callback(
+        event=event,
+        app_id=app_id,
+        timestamp=timestamp,
+        timestamp_text=str(_get(payload, "Timestamp")).strip(),
+        nonce=nonce,
+        signature=signature,
+        task_id=task_id,
+        user_id=user_id,
+        sequence=sequence or 0,
+        sequence_given=sequence is not None,
+        status=status,
+        stop_reason=stop_reason,
+        input=input_,
+        outputs=outputs,
+        payload=payload,
+    )
+
+
+def _details(payload: Mapping[str, Any]) -> tuple[dict[str, Any] | None, list[Any] | None]:
+    details = _get(payload, "Details")
+    if details is None:
+        return None, None
+    if not isinstance(details, dict):
+        raise CallbackError(400, "invalid_field", "Details must be an object")
+    input_ = details.get("Input")
+    outputs = details.get("Outputs")
+    if input_ is not None and not isinstance(input_, dict):
+        raise CallbackError(400, "invalid_field", "Details.Input must be an object")
+    if outputs is not None and not (
+        isinstance(outputs, list) and all(isinstance(o, dict) for o in outputs)
+    ):
+        raise CallbackError(400, "invalid_field", "Details.Outputs must be a list of objects")
+    return input_, outputs
+
+
+def verify_callback(
+    cb: Callback,
+    *,
+    secrets_: Sequence[str],
+    app_id: int,
+    now: float,
+    max_age: int,
+) -> None:
+    """Signature (401), then Appid (403), then Timestamp freshness (401), as SPEC 3.1 orders."""
+    audit = cb.audit_fields()
+    if not callback_signature_matches(secrets_, cb.timestamp_text, cb.nonce, cb.signature):
+        raise CallbackError(
+            401, "invalid_signature", "the callback signature does not match", audit
+        )
+    if cb.app_id != app_id:
+        raise CallbackError(403, "wrong_appid", "the callback is for another Appid", audit)
+    if abs(now - cb.timestamp) > max_age:
+        raise CallbackError(
+            401, "stale_timestamp", f"Timestamp is more than {max_age}s from now", audit
+        )
+

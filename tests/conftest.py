@@ -1,0 +1,163 @@
+"""Fixtures: one migrated database per test session (SQLite, or PostgreSQL when
+TEST_DATABASE_URL is set), emptied after every test."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient, FlaskCliRunner
+from sqlalchemy import Engine, create_engine, make_url, text
+from sqlalchemy.orm import Session
+
+from manager import create_app
+from manager.config import Settings
+from manager.db import Base, make_engine
+from manager.migrate import upgrade
+from manager.zego.signing import new_nonce, signed_callback
+
+APP_ID = 1234567
+CALLBACK_SECRET = "cb-secret-0123456789abcdef"
+OLD_CALLBACK_SECRET = "cb-secret-retired-fedcba"
+SERVER_SECRET = "9193cc662a4c0ec135ec71fb57194b38"
+
+TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "")
+ON_POSTGRES = TEST_DATABASE_URL.startswith("postgresql")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if ON_POSTGRES:
+        return
+    skip = pytest.mark.skip(reason="PostgreSQL only: set TEST_DATABASE_URL to run")
+    for item in items:
+        if "postgres" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A database of our own: a new PostgreSQL database, or a SQLite file."""
+    if not TEST_DATABASE_URL:
+        path = tmp_path_factory.mktemp("db") / "manager.db"
+        yield f"sqlite:///{path}"
+        return
+    url = _psycopg_url(TEST_DATABASE_URL)
+    name = f"manager_test_{secrets.token_hex(4)}"
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def _psycopg_url(raw: str) -> Any:
+    url = make_url(raw)
+    return url.set(drivername="postgresql+psycopg")
+
+
+@pytest.fixture(scope="session")
+def migrated_engine(database_url: str) -> Iterator[Engine]:
+    engine = make_engine(database_url)
+    upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def settings(database_url: str, migrated_engine: Engine, tmp_path: Path) -> Settings:
+    return Settings(
+        database_url=database_url,
+        secret_key="test-secret-key",
+        zego_app_id=APP_ID,
+        zego_server_secret=SERVER_SECRET,
+        callback_secrets=(CALLBACK_SECRET, OLD_CALLBACK_SECRET),
+        zego_api_url="http://127.0.0.1:9/",
+    )
+
+
+@pytest.fixture
+def app(settings: Settings, migrated_engine: Engine) -> Iterator[Flask]:
+    app = create_app(settings)
+    app.config["TESTING"] = True
+    yield app
+    app.extensions["manager.engine"].dispose()
+    _empty_tables(migrated_engine)
+
+
+def _empty_tables(engine: Engine) -> None:
+    with engine.begin() as conn:
+        for table in reversed(Base.metadata.sorted_tables):
+            conn.execute(table.delete())
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+@pytest.fixture
+def runner(app: Flask) -> FlaskCliRunner:
+    return app.test_cli_runner()
+
+
+@pytest.fixture
+def db(app: Flask) -> Iterator[Session]:
+    session: Session = app.extensions["manager.sessions"]()
+    yield session
+    session.close()
+
+
+@pytest.fixture
+def token(runner: FlaskCliRunner) -> str:
+    result = runner.invoke(args=["tokens", "create", "ops-alice"])
+    assert result.exit_code == 0, result.output
+    return result.stdout.strip()
+
+
+@pytest.fixture
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def callback(
+    event: str = "transcode_start",
+    *,
+    task_id: str = "task-1",
+    user_id: str | None = "user-1",
+    sequence: int | None = 1,
+    status: str | None = None,
+    stop_reason: int | None = None,
+    timestamp: int | None = None,
+    nonce: str | None = None,
+    secret: str = CALLBACK_SECRET,
+    app_id: int | str = APP_ID,
+    details: dict[str, Any] | None = None,
+) -> dict[str, object]:
+    """A signed callback body, by default a TranscodeStarted for task-1."""
+    payload: dict[str, object] = {"Event": event, "Appid": str(app_id), "TaskId": task_id}
+    if user_id is not None:
+        payload["UserId"] = user_id
+    if sequence is not None:
+        payload["Sequence"] = sequence
+    if event == "transcode_start":
+        payload["Status"] = status or "TranscodeStarted"
+        payload["Details"] = details or {
+            "Input": {"StreamId": f"in-{task_id}"},
+            "Outputs": [{"StreamId": f"out-{task_id}", "Width": 1280, "Height": 720}],
+        }
+    else:
+        payload["Status"] = status or "TranscodeStopped"
+        payload["StopReason"] = 0 if stop_reason is None else stop_reason
+    return signed_callback(
+        secret, payload, timestamp or int(time.time()), nonce or new_nonce()
+    )

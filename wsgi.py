@@ -1,0 +1,5 @@
+"""gunicorn target: `gunicorn wsgi:app`."""
+
+from manager import create_app
+
+app = create_app()
