@@ -156,10 +156,9 @@ class _api_errors:  # noqa: N801 - used as a context manager, reads as a phrase
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, exc_type: Any, exc: BaseException | None, _tb: Any) -> bool:
+    def __exit__(self, exc_type: Any, exc: BaseException | None, _tb: Any) -> None:
         if isinstance(exc, ApiError):
             raise click.ClickException(exc.message)
-        return False
 
 
 def register_commands(app: Flask) -> None:

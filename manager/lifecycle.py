@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from .models import CallbackNonce, Delivery, Task
@@ -89,12 +89,10 @@ def apply_callback(
         return Outcome(delivery.verdict, delivery.reason, task.id, delivery.id)
 
     verdict, reason = apply_to_task(task, cb, received_at)
-    delivery_id = session.execute(
-        select(Delivery.id).where(Delivery.event_key == key)
-    ).scalar_one()
+    delivery_id = session.execute(select(Delivery.id).where(Delivery.event_key == key)).scalar_one()
     if verdict != "applied":
         session.execute(
-            Delivery.__table__.update()
+            update(Delivery)
             .where(Delivery.id == delivery_id)
             .values(verdict=verdict, reason=reason)
         )
@@ -169,99 +167,115 @@ def _lock_task(session: Session, cb: Callback, now: datetime) -> Task:
 
 def apply_to_task(task: Task, cb: Callback, now: datetime) -> tuple[str, str | None]:
     """Apply the ordering rules to a locked task; returns (verdict, reason)."""
-    rank = event_rank(cb)
-    position = (cb.sequence, rank)
-    current = (task.state_seq, task.state_rank)
+    position = (cb.sequence, event_rank(cb))
     at = utc_from_timestamp(cb.timestamp)
-    fresh = task.state_seq == NO_POSITION and task.state_rank == 0
 
     task.max_seq = max(task.max_seq, cb.sequence)
     task.last_delivery_at = now
-    if not cb.is_stop:
-        _remember_details(task, cb, position)
-
     if cb.is_stop:
-        verdict = _apply_stop(task, cb, position, current, at, fresh)
+        applied = _apply_stop(task, cb, position, at)
     else:
-        verdict = _apply_start(task, cb, position, current, at, fresh)
-    if verdict[0] == "applied":
+        _remember_details(task, cb, position)
+        applied = _apply_start(task, cb, position, at)
+    if applied:
         task.updated_at = now
-    return verdict
+        return "applied", None
+    return "stale", "older_than_state"
 
 
-def _apply_stop(
-    task: Task,
-    cb: Callback,
-    position: tuple[int, int],
-    current: tuple[int, int],
-    at: datetime,
-    fresh: bool,
-) -> tuple[str, str | None]:
-    newest = position > current
-    # ZEGO documents neither the Sequence of its own stops nor that it echoes ours.
-    ends_run = task.status in ACTIVE and (
-        (task.run_start_seq is not None and cb.sequence >= task.run_start_seq)
-        or (cb.stop_reason == 1 and task.started_at is not None and at >= task.started_at)
+def _is_fresh(task: Task) -> bool:
+    return task.state_seq == NO_POSITION and task.state_rank == 0
+
+
+def _apply_stop(task: Task, cb: Callback, position: tuple[int, int], at: datetime) -> bool:
+    current = (task.state_seq, task.state_rank)
+    fresh = _is_fresh(task)
+    active = task.status in ACTIVE
+    # ZEGO documents neither the Sequence of its own stops nor that it echoes ours,
+    # so a stop may also end the run by Sequence or, for StopReason 1, by Timestamp.
+    by_sequence = active and task.run_start_seq is not None and cb.sequence >= task.run_start_seq
+    by_time = (
+        active and cb.stop_reason == 1 and task.started_at is not None and at >= task.started_at
     )
-    if not (fresh or newest or ends_run):
-        return "stale", "older_than_state"
+    if not (fresh or position > current or by_sequence or by_time):
+        return False
     if fresh:
         task.runs = 1  # the stop proves that a run existed, even if its start never came
     task.status = "failed" if cb.stop_reason == 1 else "stopped"
     task.stop_reason = cb.stop_reason
     task.ended_at = at
+    # Starts above end_seq come after this stop. A stop placed by its Timestamp alone
+    # covers everything the run had seen.
+    placed_by_time = by_time and not by_sequence and not position > current
+    task.end_seq = max(cb.sequence, current[0]) if placed_by_time else cb.sequence
     task.state_seq, task.state_rank = max(position, (current[0], RANK_STOPPED))
-    return "applied", None
+    return True
 
 
-def _apply_start(
-    task: Task,
-    cb: Callback,
-    position: tuple[int, int],
-    current: tuple[int, int],
-    at: datetime,
-    fresh: bool,
-) -> tuple[str, str | None]:
-    # An automatic stop (StopReason 1) ends every start that is not later than it.
-    failed_after = (
-        task.status == "failed" and task.ended_at is not None and at <= task.ended_at
+def _apply_start(task: Task, cb: Callback, position: tuple[int, int], at: datetime) -> bool:
+    current = (task.state_seq, task.state_rank)
+    fresh = _is_fresh(task)
+    ended = task.status in ENDED
+    # A TranscodeStarted above the Sequence of the stop that ended the run is a new
+    # run, even when that stop was placed above it by the Sequence-or-Timestamp rule.
+    restart = (
+        ended
+        and cb.status == STATUS_STARTED
+        and task.end_seq is not None
+        and cb.sequence > task.end_seq
     )
-    if position > current and failed_after:
+    # An automatic stop (StopReason 1) ends every start that is not later than it.
+    failed_after = task.status == "failed" and task.ended_at is not None and at <= task.ended_at
+
+    if not fresh and (position > current or restart) and failed_after:
         # Arrival in order would have applied this start and then the failure on top.
-        task.state_seq, task.state_rank = cb.sequence, RANK_STOPPED
-    elif fresh or position > current:
-        begins_run = fresh or task.status in ENDED or cb.status == STATUS_STARTED
-        if begins_run:
+        task.end_seq = max(task.end_seq or NO_POSITION, cb.sequence)
+        task.state_seq, task.state_rank = max(current, (cb.sequence, RANK_STOPPED))
+    elif fresh or position > current or restart:
+        if fresh or ended or cb.status == STATUS_STARTED:
             task.runs += 1
-            task.run_floor_seq = NO_POSITION if fresh else current[0]
+            if fresh:
+                task.run_floor_seq = NO_POSITION
+            elif ended and task.end_seq is not None:
+                task.run_floor_seq = task.end_seq
+            else:
+                task.run_floor_seq = max(task.run_floor_seq, cb.sequence - 1)
             task.run_start_seq, task.run_start_rank = position
             task.started_at = at
             task.ended_at = None
             task.stop_reason = None
+            task.end_seq = None
         task.status = "running"
-        task.state_seq, task.state_rank = position
-        return "applied", None
+        task.state_seq, task.state_rank = max(position, (current[0], RANK_UPDATED))
+        return True
 
-    _backfill_run_start(task, cb, position, at)
-    return "stale", "older_than_state"
+    _place_in_run(task, cb, position, at)
+    return False
 
 
-def _backfill_run_start(task: Task, cb: Callback, position: tuple[int, int], at: datetime) -> None:
-    """A late start of the current run still tells when that run began.
+def _place_in_run(task: Task, cb: Callback, position: tuple[int, int], at: datetime) -> None:
+    """A late start still tells when the current run began; the status stays as it is.
 
-    The status stays as it is; only the run's start time moves to the earliest
-    start or update of the run, which is what arrival in order would have given.
+    The run begins at its latest TranscodeStarted (an earlier one belongs to an
+    earlier run), or, where none has come, at its earliest update.
     """
     if cb.sequence <= task.run_floor_seq:
-        return  # belongs to an earlier run
-    earliest = (
+        return  # an earlier run
+    if task.status in ENDED and task.end_seq is not None and cb.sequence > task.end_seq:
+        return  # after the end of this run, yet not a start of a new one
+    start = (
         None
         if task.run_start_seq is None or task.run_start_rank is None
         else (task.run_start_seq, task.run_start_rank)
     )
-    if earliest is None or position < earliest:
-        task.run_start_seq, task.run_start_rank = position
-        task.started_at = at
+    begun_by_start = start is not None and start[1] == RANK_STARTED
+    if cb.status == STATUS_STARTED and (start is None or position > start):
+        if begun_by_start:
+            task.runs += 1  # a restart we had not heard of
+    elif start is not None and (begun_by_start or position >= start):
+        return
+    task.run_start_seq, task.run_start_rank = position
+    task.started_at = at
 
 
 def _remember_details(task: Task, cb: Callback, position: tuple[int, int]) -> None:

@@ -67,6 +67,7 @@ class Task(Base):
     run_floor_seq: Mapped[int] = mapped_column(BigInteger)
     run_start_seq: Mapped[int | None] = mapped_column(BigInteger)
     run_start_rank: Mapped[int | None] = mapped_column(SmallInteger)
+    end_seq: Mapped[int | None] = mapped_column(BigInteger)
     started_at: Mapped[datetime | None] = mapped_column(DateTime)
     ended_at: Mapped[datetime | None] = mapped_column(DateTime)
 

@@ -36,7 +36,9 @@ def parse_time(name: str, raw: str | None) -> datetime | None:
             return datetime.fromtimestamp(int(raw), UTC).replace(tzinfo=None)
         parsed = datetime.fromisoformat(raw.replace("Z", "+00:00"))
     except (ValueError, OverflowError, OSError):
-        raise ApiError(400, "invalid_parameter", f"{name} must be ISO 8601 or Unix seconds") from None
+        raise ApiError(
+            400, "invalid_parameter", f"{name} must be ISO 8601 or Unix seconds"
+        ) from None
     if parsed.tzinfo is not None:
         parsed = parsed.astimezone(UTC).replace(tzinfo=None)
     return parsed
@@ -46,7 +48,9 @@ def parse_status(raw: str | None) -> str | None:
     if raw in (None, ""):
         return None
     if raw not in TASK_STATUSES:
-        raise ApiError(400, "invalid_parameter", f"status must be one of {', '.join(TASK_STATUSES)}")
+        raise ApiError(
+            400, "invalid_parameter", f"status must be one of {', '.join(TASK_STATUSES)}"
+        )
     return raw
 
 
@@ -74,7 +78,7 @@ def decode_cursor(raw: str | None) -> int | None:
         raise ApiError(400, "invalid_parameter", "cursor is not one this API issued") from None
 
 
-def task_query(flt: TaskFilter) -> Select[tuple[Task]]:
+def task_query(flt: TaskFilter) -> Select[Any]:
     query = select(Task)
     if flt.app_id is not None:
         query = query.where(Task.app_id == flt.app_id)
@@ -96,7 +100,7 @@ def list_tasks(
     query = task_query(flt).order_by(Task.id.desc()).limit(limit + 1)
     if cursor is not None:
         query = query.where(Task.id < cursor)
-    rows = list(session.execute(query).scalars())
+    rows: list[Task] = list(session.execute(query).scalars())
     more = len(rows) > limit
     rows = rows[:limit]
     return rows, (rows[-1].id if more and rows else None)

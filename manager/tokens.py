@@ -14,7 +14,7 @@ from .errors import ApiError
 from .lifecycle import utcnow
 from .models import ApiToken
 
-TOKEN_PREFIX = "mgr_"
+TOKEN_PREFIX = "mgr_"  # noqa: S105 - a marker for secret scanners, not a secret
 
 
 @dataclass(frozen=True)

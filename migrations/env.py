@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from alembic import context
 
-from manager.db import Base
 from manager import models  # noqa: F401  (registers the tables on Base.metadata)
+from manager.db import Base
 
 config = context.config
 target_metadata = Base.metadata

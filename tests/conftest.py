@@ -111,10 +111,13 @@ def runner(app: Flask) -> FlaskCliRunner:
 
 
 @pytest.fixture
-def db(app: Flask) -> Iterator[Session]:
-    session: Session = app.extensions["manager.sessions"]()
+def db(app: Flask, database_url: str) -> Iterator[Session]:
+    """A session for the test's own reads; on SQLite it never holds the write lock."""
+    engine = make_engine(database_url, sqlite_begin="DEFERRED")
+    session = Session(engine, expire_on_commit=False)
     yield session
     session.close()
+    engine.dispose()
 
 
 @pytest.fixture
@@ -158,6 +161,4 @@ def callback(
     else:
         payload["Status"] = status or "TranscodeStopped"
         payload["StopReason"] = 0 if stop_reason is None else stop_reason
-    return signed_callback(
-        secret, payload, timestamp or int(time.time()), nonce or new_nonce()
-    )
+    return signed_callback(secret, payload, timestamp or int(time.time()), nonce or new_nonce())

@@ -67,7 +67,9 @@ def test_numbers_as_strings_and_strings_as_numbers() -> None:
 
 
 def test_lowercase_keys_are_accepted() -> None:
-    body = {k.lower() if k in ("Timestamp", "Nonce", "Signature") else k: v for k, v in START.items()}
+    body = {
+        k.lower() if k in ("Timestamp", "Nonce", "Signature") else k: v for k, v in START.items()
+    }
     cb = parse_callback(body)
     assert cb.nonce == "123412"
 

@@ -70,7 +70,11 @@ def test_nonce_reused_with_other_body_is_refused(client: FlaskClient, db: Sessio
     assert response.json["error"]["code"] == "nonce_reused"
     assert db.execute(select(func.count()).select_from(Task)).scalar() == 1
     rejected = deliveries(db)[-1]
-    assert (rejected.verdict, rejected.reason, rejected.task_id) == ("rejected", "nonce_reused", "t-2")
+    assert (rejected.verdict, rejected.reason, rejected.task_id) == (
+        "rejected",
+        "nonce_reused",
+        "t-2",
+    )
 
 
 def test_key_order_does_not_make_a_different_body(client: FlaskClient) -> None:

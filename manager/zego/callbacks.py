@@ -10,7 +10,7 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote, unquote_plus
 
 from .signing import callback_signature_matches
@@ -24,12 +24,15 @@ STATUS_STOPPED = "TranscodeStopped"
 MAX_ID_LENGTH = 256
 MAX_NONCE_LENGTH = 128
 INT64_MAX = 2**63 - 1
+T = TypeVar("T")
 
 
 class CallbackError(Exception):
     """A callback that is refused; `status` and `code` become the JSON error."""
 
-    def __init__(self, status: int, code: str, message: str, fields: Mapping[str, Any] | None = None):
+    def __init__(
+        self, status: int, code: str, message: str, fields: Mapping[str, Any] | None = None
+    ):
         super().__init__(message)
         self.status = status
         self.code = code
@@ -62,7 +65,14 @@ class Callback:
 
     def event_key(self) -> str:
         """Identity of the event for duplicate detection (SPEC 3.2)."""
-        parts = [self.app_id, self.event, self.task_id, self.sequence, self.status, self.stop_reason]
+        parts = [
+            self.app_id,
+            self.event,
+            self.task_id,
+            self.sequence,
+            self.status,
+            self.stop_reason,
+        ]
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
     def body_digest(self) -> str:
@@ -178,6 +188,13 @@ def _integer(
     return number
 
 
+def _required(value: T | None) -> T:
+    """Narrow the type of a field read with required=True (which raises when absent)."""
+    if value is None:
+        raise CallbackError(400, "missing_field", "a required field is missing")
+    return value
+
+
 def parse_callback(payload: dict[str, Any], path_event: str | None = None) -> Callback:
     """Validate the fields of a decoded body; every problem is a 400 naming the field."""
     event = _text(payload, "Event", required=path_event is None, limit=32) or path_event
@@ -186,11 +203,11 @@ def parse_callback(payload: dict[str, Any], path_event: str | None = None) -> Ca
     if path_event is not None and event != path_event:
         raise CallbackError(400, "invalid_field", f"Event {event} was posted to {path_event}")
 
-    timestamp = _integer(payload, "Timestamp", required=True)
-    nonce = _text(payload, "Nonce", required=True, limit=MAX_NONCE_LENGTH)
-    signature = _text(payload, "Signature", required=True, limit=128)
-    app_id = _integer(payload, "Appid", required=True, high=2**32 - 1)
-    task_id = _text(payload, "TaskId", required=True, limit=MAX_ID_LENGTH)
+    timestamp = _required(_integer(payload, "Timestamp", required=True))
+    nonce = _required(_text(payload, "Nonce", required=True, limit=MAX_NONCE_LENGTH))
+    signature = _required(_text(payload, "Signature", required=True, limit=128))
+    app_id = _required(_integer(payload, "Appid", required=True, high=2**32 - 1))
+    task_id = _required(_text(payload, "TaskId", required=True, limit=MAX_ID_LENGTH))
     sequence = _integer(payload, "Sequence", required=False)
     status = _text(payload, "Status", required=event == EVENT_START, limit=32)
     user_id = _text(payload, "UserId", required=event == EVENT_START, limit=MAX_ID_LENGTH)
@@ -203,8 +220,6 @@ def parse_callback(payload: dict[str, Any], path_event: str | None = None) -> Ca
     else:
         stop_reason = _integer(payload, "StopReason", required=True, high=1)
     input_, outputs = _details(payload)
-    assert timestamp is not None and nonce is not None and signature is not None  # noqa: S101
-    assert app_id is not None and task_id is not None  # noqa: S101
     return Callback(
         event=event,
         app_id=app_id,
@@ -261,4 +276,3 @@ def verify_callback(
         raise CallbackError(
             401, "stale_timestamp", f"Timestamp is more than {max_age}s from now", audit
         )
-

@@ -63,6 +63,7 @@ def upgrade() -> None:
         sa.Column("run_floor_seq", sa.BigInteger(), nullable=False),
         sa.Column("run_start_seq", sa.BigInteger(), nullable=True),
         sa.Column("run_start_rank", sa.SmallInteger(), nullable=True),
+        sa.Column("end_seq", sa.BigInteger(), nullable=True),
         sa.Column("started_at", sa.DateTime(), nullable=True),
         sa.Column("ended_at", sa.DateTime(), nullable=True),
         sa.Column("first_seen_at", sa.DateTime(), nullable=False),
