@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import sys
 import tempfile
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import click
 from flask import Flask, current_app
-from flask.cli import AppGroup, FlaskGroup
+from flask.cli import AppGroup, FlaskGroup, with_appcontext
 
 from .errors import ApiError
 
@@ -103,6 +104,7 @@ def tokens_revoke(name: str) -> None:
 @click.option("--owner")
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 500))
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@with_appcontext
 def tasks_command(status: str | None, owner: str | None, limit: int, fmt: str) -> None:
     """List tasks, newest first."""
     from .queries import TaskFilter, list_tasks, task_json
@@ -122,20 +124,28 @@ def tasks_command(status: str | None, owner: str | None, limit: int, fmt: str) -
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--workers", type=int, help="default: $WEB_CONCURRENCY, else 2 x CPU cores")
+@with_appcontext
 def serve_command(host: str, port: int, workers: int | None) -> None:
-    """Upgrade the schema, then serve the app with gunicorn."""
-    from .migrate import upgrade
+    """Upgrade the schema, then serve wsgi.py with gunicorn."""
+    from .migrate import MIGRATIONS, upgrade
 
     upgrade(_engine())
     if workers is None:
         env_workers = os.environ.get("WEB_CONCURRENCY", "")
         workers = int(env_workers) if env_workers.isdigit() else 2 * multiprocessing.cpu_count()
-    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="manager-metrics-")
-    from .server import run_gunicorn
-
+    env = dict(os.environ)
+    # Must be set before prometheus_client is imported, hence a fresh gunicorn process.
+    env.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="manager-metrics-"))
     click.echo(f"serving on http://{host}:{port} with {workers} workers", err=True)
-    run_gunicorn(f"{host}:{port}", workers)
+    argv = [
+        sys.executable, "-m", "gunicorn",
+        "--config", "python:manager.gunicorn_conf",
+        "--chdir", str(MIGRATIONS.parent),
+        "--bind", f"{host}:{port}",
+        "--workers", str(workers),
+        "wsgi:app",
+    ]  # fmt: skip
+    os.execve(sys.executable, argv, env)  # noqa: S606 - our own interpreter, fixed arguments
 
 
 def echo_table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -14,6 +14,7 @@ from .errors import ApiError
 from .lifecycle import utcnow
 from .models import ApiToken
 
+LAST_USED_RESOLUTION = timedelta(minutes=1)
 TOKEN_PREFIX = "mgr_"  # noqa: S105 - a marker for secret scanners, not a secret
 
 
@@ -59,7 +60,7 @@ def revoke_token(session: Session, name: str) -> None:
 
 
 def authenticate(session: Session, token: str) -> str | None:
-    """The name of the active token, or None."""
+    """The name of the active token, or None; notes its use at most once a minute."""
     row = session.execute(
         select(ApiToken).where(
             ApiToken.token_hash == hash_token(token), ApiToken.revoked_at.is_(None)
@@ -67,4 +68,7 @@ def authenticate(session: Session, token: str) -> str | None:
     ).scalar_one_or_none()
     if row is None:
         return None
+    now = utcnow()
+    if row.last_used_at is None or now - row.last_used_at > LAST_USED_RESOLUTION:
+        row.last_used_at = now
     return row.name

@@ -21,7 +21,11 @@ def current_token_name() -> str | None:
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         return None
-    return authenticate(get_session(), token.strip())
+    session = get_session()
+    name = authenticate(session, token.strip())
+    if name is not None and session.dirty:
+        session.commit()  # last_used_at only; the view's own work starts afresh
+    return name
 
 
 def require_token(view: F) -> F:

@@ -1,0 +1,88 @@
+"""The `manager` command line, in-process and as the installed console script."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+from flask.testing import FlaskClient, FlaskCliRunner
+
+from .conftest import callback
+from .live import free_port
+
+MANAGER = str(Path(sys.executable).parent / "manager")
+
+
+def test_db_current_reports_head(runner: FlaskCliRunner) -> None:
+    result = runner.invoke(args=["db", "current"])
+    assert result.exit_code == 0
+    assert "head" in result.output
+    assert "behind" not in result.output
+
+
+def test_tasks_table_and_json(client: FlaskClient, runner: FlaskCliRunner) -> None:
+    for task_id, owner in (("cli-1", "alice"), ("cli-2", "bob")):
+        body = json.dumps(callback(task_id=task_id, user_id=owner))
+        client.post("/callbacks/zego", data=body, content_type="application/json")
+    table = runner.invoke(args=["tasks", "--owner", "alice"])
+    assert table.exit_code == 0
+    lines = table.output.splitlines()
+    assert lines[0].split() == ["task_id", "owner", "status", "sequence", "started_at", "ended_at"]
+    assert "cli-1" in table.output
+    assert "cli-2" not in table.output
+    as_json = runner.invoke(args=["tasks", "--format", "json", "--status", "running"])
+    assert {t["task_id"] for t in json.loads(as_json.output)} == {"cli-1", "cli-2"}
+
+
+def test_console_script_names_a_bad_variable(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [MANAGER, "db", "current"],
+        env={**os.environ, "ZEGO_RATE_LIMIT": "lots", "DATABASE_URL": f"sqlite:///{tmp_path}/x.db"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "ZEGO_RATE_LIMIT" in result.stderr
+
+
+def test_serve_upgrades_then_serves(tmp_path: Path) -> None:
+    port = free_port()
+    env = {
+        **os.environ,
+        "DATABASE_URL": f"sqlite:///{tmp_path}/serve.db",
+        "SECRET_KEY": "serve-test",
+    }
+    process = subprocess.Popen(
+        [MANAGER, "serve", "--port", str(port), "--workers", "2"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        ready = None
+        while time.monotonic() < deadline and ready is None:
+            try:
+                ready = requests.get(f"http://127.0.0.1:{port}/readyz", timeout=2)
+            except requests.RequestException:
+                time.sleep(0.2)
+        assert ready is not None
+        assert ready.status_code == 200
+        refused = requests.post(f"http://127.0.0.1:{port}/callbacks/zego", data=b"{}", timeout=5)
+        assert refused.status_code == 503  # not configured: no ZEGO_APP_ID here
+        # Every worker writes to the shared metrics folder; any of them reports the sum.
+        metrics = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+        assert 'reason="not_configured",verdict="rejected"' in metrics.text
+        assert "manager_callback_seconds_bucket" in metrics.text
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=20)
