@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from flask import Flask, g
 from sqlalchemy.orm import Session
@@ -10,6 +11,9 @@ from sqlalchemy.orm import Session
 from .config import Settings
 from .db import make_engine, make_session_factory
 from .errors import register_error_handlers
+
+if TYPE_CHECKING:
+    from .dispatch import Dispatcher
 
 # Callbacks are a few hundred bytes; anything this large is refused unread.
 MAX_BODY_BYTES = 64 * 1024
@@ -67,3 +71,18 @@ def get_settings() -> Settings:
 
     settings: Settings = current_app.extensions["manager.settings"]
     return settings
+
+
+def get_dispatcher() -> Dispatcher:
+    """This process's stop dispatcher, made on first use (it needs the ZEGO settings)."""
+    from flask import current_app
+
+    from .dispatch import make_dispatcher
+
+    ext = current_app.extensions
+    if "manager.dispatcher" not in ext:
+        ext["manager.dispatcher"] = make_dispatcher(
+            ext["manager.settings"], ext["manager.engine"], ext["manager.sessions"], "api"
+        )
+    dispatcher: Dispatcher = ext["manager.dispatcher"]
+    return dispatcher

@@ -14,6 +14,7 @@ import click
 from flask import Flask, current_app
 from flask.cli import AppGroup, FlaskGroup, with_appcontext
 
+from .db import begin_write
 from .errors import ApiError
 
 db_cli = AppGroup("db", help="Schema migrations (Alembic).")
@@ -68,6 +69,7 @@ def tokens_create(name: str) -> None:
     from .tokens import create_token
 
     with _session() as session, _api_errors():
+        begin_write(session)
         token = create_token(session, name)
         session.commit()
     click.echo(token)
@@ -94,6 +96,7 @@ def tokens_revoke(name: str) -> None:
     from .tokens import revoke_token
 
     with _session() as session, _api_errors():
+        begin_write(session)
         revoke_token(session, name)
         session.commit()
     click.echo(f"token {name!r} revoked")
@@ -138,14 +141,105 @@ def serve_command(host: str, port: int, workers: int | None) -> None:
     env.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="manager-metrics-"))
     click.echo(f"serving on http://{host}:{port} with {workers} workers", err=True)
     argv = [
-        sys.executable, "-m", "gunicorn",
-        "--config", "python:manager.gunicorn_conf",
-        "--chdir", str(MIGRATIONS.parent),
-        "--bind", f"{host}:{port}",
-        "--workers", str(workers),
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "--config",
+        "python:manager.gunicorn_conf",
+        "--chdir",
+        str(MIGRATIONS.parent),
+        "--bind",
+        f"{host}:{port}",
+        "--workers",
+        str(workers),
         "wsgi:app",
-    ]  # fmt: skip
+    ]
     os.execve(sys.executable, argv, env)  # noqa: S606 - our own interpreter, fixed arguments
+
+
+@click.command("stop")
+@click.argument("task_id")
+@click.option("--reason", help="why, recorded with the stop request")
+@click.option("--force", is_flag=True, help="stop even if the task is recorded as stopped")
+@with_appcontext
+def stop_command(task_id: str, reason: str | None, force: bool) -> None:
+    """Stop a task through StopCloudTranscode, as its recorded owner."""
+    from . import get_dispatcher
+    from .dispatch import stop_task_now
+    from .queries import find_task
+
+    settings = current_app.extensions["manager.settings"]
+    who = f"cli:{os.environ.get('USER') or os.environ.get('LOGNAME') or 'unknown'}"
+    with _session() as session, _api_errors():
+        dispatcher = get_dispatcher()
+        begin_write(session)
+        task = find_task(session, task_id, settings.zego_app_id)
+        stop, created = stop_task_now(
+            session, dispatcher, task, requested_by=who, reason=reason, force=force
+        )
+    code = f" (ZEGO {stop.last_code}: {stop.last_message})" if stop.last_code is not None else ""
+    prefix = "" if created else "already in flight: "
+    click.echo(f"{prefix}stop request {stop.id} seq={stop.sequence} {stop.state}{code}")
+    if stop.state == "failed":
+        raise click.ClickException("ZEGOCLOUD refused the stop")
+
+
+@click.command("worker")
+@click.option("--once", is_flag=True, help="run one pass and exit")
+@click.option("--threads", default=8, show_default=True, type=click.IntRange(1, 64))
+@with_appcontext
+def worker_command(once: bool, threads: int) -> None:
+    """Send queued stop requests within the shared rate limit; re-stop stuck tasks."""
+    import signal
+    import threading
+
+    from .dispatch import make_dispatcher
+    from .worker import StopWorker
+
+    ext = current_app.extensions
+    with _api_errors():
+        dispatcher = make_dispatcher(
+            ext["manager.settings"], ext["manager.engine"], ext["manager.sessions"], "worker"
+        )
+    worker = StopWorker(dispatcher, threads=threads)
+    try:
+        if once:
+            click.echo(f"{worker.run_once()} attempts made")
+            return
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        click.echo(f"worker {dispatcher.name} running; Ctrl-C stops it", err=True)
+        worker.run_forever(stop)
+    finally:
+        worker.close()
+
+
+@click.command("fake-zego")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8900, show_default=True, type=int)
+@click.option("--callback-url", default="http://127.0.0.1:8000/callbacks/zego", show_default=True)
+@click.option("--rate-limit", default=100, show_default=True, type=int)
+@with_appcontext
+def fake_zego_command(host: str, port: int, callback_url: str, rate_limit: int) -> None:
+    """Serve a local stand-in for ZEGOCLOUD's API, signed with this instance's secrets."""
+    from .zego.fake import FakeServer, FakeZego
+
+    settings = current_app.extensions["manager.settings"]
+    if settings.zego_app_id is None or not settings.zego_server_secret:
+        raise click.ClickException("set ZEGO_APP_ID and ZEGO_SERVER_SECRET for the fake to check")
+    if not settings.callback_secrets:
+        raise click.ClickException("set ZEGO_CALLBACK_SECRET for the fake to sign callbacks")
+    fake = FakeZego(
+        app_id=settings.zego_app_id,
+        server_secret=settings.zego_server_secret,
+        callback_secret=settings.callback_secrets[0],
+        callback_url=callback_url,
+        rate_limit=rate_limit,
+    )
+    server = FakeServer(fake, port=port, host=host)
+    click.echo(f"fake ZEGOCLOUD API on {server.url} (ZEGO_API_URL); callbacks to {callback_url}")
+    server.serve_forever()
 
 
 def echo_table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
@@ -176,6 +270,9 @@ def register_commands(app: Flask) -> None:
     app.cli.add_command(tokens_cli)
     app.cli.add_command(tasks_command)
     app.cli.add_command(serve_command)
+    app.cli.add_command(stop_command)
+    app.cli.add_command(worker_command)
+    app.cli.add_command(fake_zego_command)
 
 
 def _create_app() -> Flask:

@@ -47,6 +47,8 @@ class Settings:
     zego_rate_limit: int = 100
     callback_max_age: int = 300
     stop_max_attempts: int = 8
+    # (connect, read) seconds for ZEGOCLOUD API calls; not an environment variable.
+    zego_timeout: tuple[float, float] = (3.05, 10.0)
 
     @classmethod
     def from_env(

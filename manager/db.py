@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import Engine, MetaData, create_engine, event
@@ -21,14 +23,14 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
-def make_engine(url: str, *, sqlite_begin: str = "IMMEDIATE", **kwargs: Any) -> Engine:
-    """Create an engine with the per-backend settings this service relies on.
+WRITE_OPTION = "manager_write"
 
-    `sqlite_begin="DEFERRED"` suits a reader that must not hold the write lock.
-    """
+
+def make_engine(url: str, **kwargs: Any) -> Engine:
+    """Create an engine with the per-backend settings this service relies on."""
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30}, **kwargs)
-        _configure_sqlite(engine, sqlite_begin)
+        _configure_sqlite(engine)
         return engine
     kwargs.setdefault("pool_pre_ping", True)
     kwargs.setdefault("pool_size", 5)
@@ -36,7 +38,7 @@ def make_engine(url: str, *, sqlite_begin: str = "IMMEDIATE", **kwargs: Any) -> 
     return create_engine(url, **kwargs)
 
 
-def _configure_sqlite(engine: Engine, begin: str) -> None:
+def _configure_sqlite(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         # Let SQLAlchemy's "begin" event issue BEGIN itself (pysqlite's own is deferred).
@@ -50,10 +52,32 @@ def _configure_sqlite(engine: Engine, begin: str) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        # Take the write lock up front: a deferred transaction that reads and then
-        # writes can fail with SQLITE_BUSY instead of waiting for the busy timeout.
-        conn.exec_driver_sql(f"BEGIN {begin}")
+        # A writer takes the lock up front: a deferred transaction that reads and then
+        # writes fails with SQLITE_BUSY when another commit came in between, instead
+        # of waiting for the busy timeout. Readers stay deferred and never block.
+        write = conn.get_execution_options().get(WRITE_OPTION, False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(bind=engine, expire_on_commit=False)
+
+
+def begin_write(session: Session) -> None:
+    """Start the session's transaction as a writer (BEGIN IMMEDIATE on SQLite).
+
+    Call it before the transaction's first statement; a no-op on PostgreSQL, where
+    row locks and constraints do the arbitration.
+    """
+    if session.in_transaction() and session.get_transaction() is not None:
+        if session.get_transaction().connections:  # type: ignore[union-attr]
+            raise RuntimeError("begin_write() must come before the transaction's first statement")
+    session.connection(execution_options={WRITE_OPTION: True})
+
+
+@contextmanager
+def write_transaction(sessions: sessionmaker[Session]) -> Iterator[Session]:
+    """A new session in a write transaction, committed at the end of the block."""
+    with sessions.begin() as session:
+        begin_write(session)
+        yield session

@@ -8,8 +8,10 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -17,12 +19,15 @@ from sqlalchemy import (
     SmallInteger,
     String,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
 from .db import Base
 
 TASK_STATUSES = ("running", "stopping", "stopped", "failed")
+STOP_STATES = ("queued", "succeeded", "failed")
+ATTEMPT_OUTCOMES = ("success", "retryable", "permanent")
 VERDICTS = ("applied", "duplicate", "stale", "rejected")
 
 
@@ -136,3 +141,95 @@ class ApiToken(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime)
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class StopBatch(Base):
+    """A bulk stop: which tasks were chosen, by whom and why."""
+
+    __tablename__ = "stop_batches"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    requested_by: Mapped[str] = mapped_column(String(128))
+    reason: Mapped[str | None] = mapped_column(String(500))
+    selector: Mapped[Any] = mapped_column(JSON)
+    total: Mapped[int] = mapped_column(Integer)
+
+
+class StopRequest(Base):
+    """An operator's request to stop a task: stored before it is sent, kept forever.
+
+    `sequence` is the Sequence of the latest attempt; every attempt takes a new one
+    from the task, so ZEGOCLOUD always sees increasing values. A request is worked
+    on only under a lease (`claimed_until`), so two processes never send it at once.
+    """
+
+    __tablename__ = "stop_requests"
+    __table_args__ = (
+        CheckConstraint(_in("state", STOP_STATES), name="state"),
+        # At most one queued request per task: a second stop returns the first.
+        Index(
+            "uq_stop_requests_queued_task",
+            "task_pk",
+            unique=True,
+            sqlite_where=text("state = 'queued'"),
+            postgresql_where=text("state = 'queued'"),
+        ),
+        Index("ix_stop_requests_state_next_attempt_at", "state", "next_attempt_at"),
+        Index("ix_stop_requests_task_pk", "task_pk"),
+        Index("ix_stop_requests_batch_id", "batch_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_pk: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"))
+    batch_id: Mapped[int | None] = mapped_column(ForeignKey("stop_batches.id", ondelete="SET NULL"))
+    state: Mapped[str] = mapped_column(String(16))
+    user_id: Mapped[str] = mapped_column(String(256))
+    sequence: Mapped[int | None] = mapped_column(BigInteger)
+    requested_by: Mapped[str] = mapped_column(String(128))
+    reason: Mapped[str | None] = mapped_column(String(500))
+    force: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime)
+    claimed_until: Mapped[datetime | None] = mapped_column(DateTime)
+    claimed_by: Mapped[str | None] = mapped_column(String(64))
+    last_code: Mapped[int | None] = mapped_column(BigInteger)
+    last_message: Mapped[str | None] = mapped_column(String(500))
+    last_request_id: Mapped[str | None] = mapped_column(String(128))
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class StopAttempt(Base):
+    """One call of StopCloudTranscode and what ZEGOCLOUD answered."""
+
+    __tablename__ = "stop_attempts"
+    __table_args__ = (
+        CheckConstraint(_in("outcome", ATTEMPT_OUTCOMES), name="outcome"),
+        Index("ix_stop_attempts_stop_request_id", "stop_request_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    stop_request_id: Mapped[int] = mapped_column(ForeignKey("stop_requests.id", ondelete="CASCADE"))
+    attempted_at: Mapped[datetime] = mapped_column(DateTime)
+    sequence: Mapped[int] = mapped_column(BigInteger)
+    outcome: Mapped[str] = mapped_column(String(16))
+    http_status: Mapped[int | None] = mapped_column(Integer)
+    code: Mapped[int | None] = mapped_column(BigInteger)
+    message: Mapped[str | None] = mapped_column(String(500))
+    request_id: Mapped[str | None] = mapped_column(String(128))
+    elapsed_ms: Mapped[int] = mapped_column(Integer)
+    worker: Mapped[str | None] = mapped_column(String(64))
+
+
+class RateLimiter(Base):
+    """Shared pacing of outbound calls: the next free send time, in Unix seconds.
+
+    Every call reserves a slot with one atomic UPDATE, whatever process it runs in,
+    so the calls of all processes together keep the configured spacing.
+    """
+
+    __tablename__ = "rate_limiters"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    next_slot: Mapped[float] = mapped_column(Float(precision=53))

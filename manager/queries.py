@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Select, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
 from .errors import ApiError
-from .models import TASK_STATUSES, Delivery, Task
+from .models import STOP_STATES, TASK_STATUSES, Delivery, StopAttempt, StopBatch, StopRequest, Task
 
 MAX_PAGE = 500
 HISTORY_LIMIT = 1000
@@ -162,3 +162,92 @@ def delivery_json(d: Delivery) -> dict[str, Any]:
         "verdict": d.verdict,
         "reason": d.reason,
     }
+
+
+def stop_request_json(
+    stop: StopRequest, task_id: str, attempts: list[StopAttempt] | None = None
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": stop.id,
+        "task_id": task_id,
+        "state": stop.state,
+        "sequence": stop.sequence,
+        "user_id": stop.user_id,
+        "requested_by": stop.requested_by,
+        "reason": stop.reason,
+        "force": stop.force,
+        "batch_id": stop.batch_id,
+        "created_at": iso(stop.created_at),
+        "attempts": stop.attempts,
+        "next_attempt_at": iso(stop.next_attempt_at) if stop.state == "queued" else None,
+        "completed_at": iso(stop.completed_at),
+        "zego": {
+            "code": stop.last_code,
+            "message": stop.last_message,
+            "request_id": stop.last_request_id,
+        },
+    }
+    if attempts is not None:
+        body["attempt_log"] = [
+            {
+                "attempted_at": iso(a.attempted_at),
+                "sequence": a.sequence,
+                "outcome": a.outcome,
+                "http_status": a.http_status,
+                "code": a.code,
+                "message": a.message,
+                "request_id": a.request_id,
+                "elapsed_ms": a.elapsed_ms,
+                "worker": a.worker,
+            }
+            for a in attempts
+        ]
+    return body
+
+
+def task_stop_requests(session: Session, task: Task) -> list[dict[str, Any]]:
+    stops = list(
+        session.execute(
+            select(StopRequest)
+            .where(StopRequest.task_pk == task.id)
+            .order_by(StopRequest.id.desc())
+        ).scalars()
+    )
+    attempts: dict[int, list[StopAttempt]] = {s.id: [] for s in stops}
+    if stops:
+        for attempt in session.execute(
+            select(StopAttempt)
+            .where(StopAttempt.stop_request_id.in_(attempts))
+            .order_by(StopAttempt.id)
+        ).scalars():
+            attempts[attempt.stop_request_id].append(attempt)
+    return [stop_request_json(s, task.task_id, attempts[s.id]) for s in stops]
+
+
+def batch_json(session: Session, batch: StopBatch, with_items: bool = False) -> dict[str, Any]:
+    counts = dict(
+        session.execute(
+            select(StopRequest.state, func.count())
+            .where(StopRequest.batch_id == batch.id)
+            .group_by(StopRequest.state)
+        ).all()
+    )
+    body: dict[str, Any] = {
+        "id": batch.id,
+        "created_at": iso(batch.created_at),
+        "requested_by": batch.requested_by,
+        "reason": batch.reason,
+        "selector": batch.selector,
+        "total": batch.total,
+        "progress": {state: counts.get(state, 0) for state in STOP_STATES},
+        "done": counts.get("queued", 0) == 0,
+    }
+    if with_items:
+        rows = session.execute(
+            select(StopRequest, Task.task_id)
+            .join(Task, Task.id == StopRequest.task_pk)
+            .where(StopRequest.batch_id == batch.id)
+            .order_by(StopRequest.id)
+        ).all()
+        body["items"] = [stop_request_json(stop, task_id) for stop, task_id in rows]
+    return body

@@ -5,25 +5,49 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from sqlalchemy import ColumnElement, Connection
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 
 def insert_ignore(
-    session: Session, model: Any, values: Mapping[str, Any], conflict_columns: Sequence[str]
+    session: Session,
+    model: Any,
+    values: Mapping[str, Any],
+    conflict_columns: Sequence[str],
+    index_where: ColumnElement[bool] | None = None,
 ) -> bool:
     """INSERT … ON CONFLICT DO NOTHING; True when this statement inserted the row.
 
     The database decides who wins: concurrent inserters of the same key wait for
     the first to commit and then insert nothing.
     """
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    table = model.__table__
-    statement = (
-        insert(table)
-        .values(**values)
-        .on_conflict_do_nothing(index_elements=list(conflict_columns))
-        .returning(table.primary_key.columns.values()[0])
+    statement = _insert_ignore(
+        session.get_bind().dialect.name, model, values, conflict_columns, index_where
     )
     return session.execute(statement).first() is not None
+
+
+def insert_ignore_core(
+    conn: Connection, model: Any, values: Mapping[str, Any], conflict_columns: Sequence[str]
+) -> bool:
+    """insert_ignore on a Core connection."""
+    statement = _insert_ignore(conn.dialect.name, model, values, conflict_columns, None)
+    return conn.execute(statement).first() is not None
+
+
+def _insert_ignore(
+    dialect: str,
+    model: Any,
+    values: Mapping[str, Any],
+    conflict_columns: Sequence[str],
+    index_where: ColumnElement[bool] | None,
+) -> Any:
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    table = model.__table__
+    return (
+        insert(table)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=list(conflict_columns), index_where=index_where)
+        .returning(table.primary_key.columns.values()[0])
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,11 +16,13 @@ from flask import Flask
 from flask.testing import FlaskClient, FlaskCliRunner
 from sqlalchemy import Engine, create_engine, make_url, text
 from sqlalchemy.orm import Session
+from werkzeug.serving import make_server
 
 from manager import create_app
 from manager.config import Settings
 from manager.db import Base, make_engine
 from manager.migrate import upgrade
+from manager.zego.fake import FakeServer, FakeZego
 from manager.zego.signing import new_nonce, signed_callback
 
 APP_ID = 1234567
@@ -73,15 +76,38 @@ def migrated_engine(database_url: str) -> Iterator[Engine]:
     engine.dispose()
 
 
+@pytest.fixture(scope="session")
+def fake_server() -> Iterator[FakeServer]:
+    fake = FakeZego(
+        app_id=APP_ID,
+        server_secret=SERVER_SECRET,
+        callback_secret=CALLBACK_SECRET,
+        callback_retry_delays=(0.2, 0.4, 0.8),
+    )
+    with FakeServer(fake) as server:
+        yield server
+
+
 @pytest.fixture
-def settings(database_url: str, migrated_engine: Engine, tmp_path: Path) -> Settings:
+def fake_zego(fake_server: FakeServer) -> FakeServer:
+    """The local stand-in for ZEGOCLOUD's API, served over real HTTP, fresh for each test."""
+    fake_server.fake.reset()
+    return fake_server
+
+
+@pytest.fixture
+def settings(
+    database_url: str, migrated_engine: Engine, tmp_path: Path, fake_zego: FakeServer
+) -> Settings:
     return Settings(
         database_url=database_url,
         secret_key="test-secret-key",
         zego_app_id=APP_ID,
         zego_server_secret=SERVER_SECRET,
         callback_secrets=(CALLBACK_SECRET, OLD_CALLBACK_SECRET),
-        zego_api_url="http://127.0.0.1:9/",
+        zego_api_url=fake_zego.url,
+        stop_max_attempts=3,
+        zego_timeout=(1.0, 1.0),
     )
 
 
@@ -106,6 +132,19 @@ def client(app: Flask) -> FlaskClient:
 
 
 @pytest.fixture
+def live_url(app: Flask) -> Iterator[str]:
+    """The app served over HTTP from a thread, for the fake's callbacks to reach."""
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    thread.join(timeout=5)
+
+
+@pytest.fixture
 def runner(app: Flask) -> FlaskCliRunner:
     return app.test_cli_runner()
 
@@ -113,7 +152,7 @@ def runner(app: Flask) -> FlaskCliRunner:
 @pytest.fixture
 def db(app: Flask, database_url: str) -> Iterator[Session]:
     """A session for the test's own reads; on SQLite it never holds the write lock."""
-    engine = make_engine(database_url, sqlite_begin="DEFERRED")
+    engine = make_engine(database_url)
     session = Session(engine, expire_on_commit=False)
     yield session
     session.close()

@@ -23,8 +23,8 @@ def current_token_name() -> str | None:
         return None
     session = get_session()
     name = authenticate(session, token.strip())
-    if name is not None and session.dirty:
-        session.commit()  # last_used_at only; the view's own work starts afresh
+    # Commit last_used_at, and end the read so the view starts its own transaction.
+    session.commit()
     return name
 
 

@@ -11,6 +11,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from .. import MAX_BODY_BYTES, get_session, get_settings
+from ..db import begin_write
 from ..errors import error_response
 from ..lifecycle import apply_callback, utcnow
 from ..metrics import CALLBACK_LATENCY, DELIVERIES
@@ -48,6 +49,7 @@ def _receive(path_event: str | None, received_at: Any) -> tuple[Response, int]:
                 503, "not_configured", "ZEGO_APP_ID and ZEGO_CALLBACK_SECRET must be set"
             )
         cb = parse_callback(decode_body(raw, request.content_type), path_event)
+        begin_write(session)
         verify_callback(
             cb,
             secrets_=settings.callback_secrets,
@@ -92,6 +94,7 @@ def _reject(exc: CallbackError, raw: bytes, size: int, received_at: Any) -> tupl
     session = get_session()
     audit = {k: v for k, v in exc.fields.items() if k in Delivery.__table__.columns}
     try:
+        begin_write(session)
         session.add(
             Delivery(
                 received_at=received_at,

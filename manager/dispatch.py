@@ -1,0 +1,123 @@
+"""Send stop attempts: take a shared rate slot, call ZEGOCLOUD, record the answer.
+
+Used by the stop endpoint (one attempt, waiting briefly for a slot) and by the
+worker (many attempts, in threads). No database transaction is open during the call.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import time
+from dataclasses import dataclass
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from .config import Settings
+from .db import write_transaction
+from .lifecycle import utcnow
+from .models import StopRequest, Task
+from .ratelimit import SharedRateLimiter
+from .stopping import Job, RetryPolicy, prepare_attempt, record_attempt, release, request_stop
+from .zego.client import ZegoClient, make_client
+
+log = logging.getLogger(__name__)
+
+RATE_LIMITER_NAME = "zego_api"
+
+
+def process_name(role: str) -> str:
+    return f"{role}:{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass
+class Dispatcher:
+    sessions: sessionmaker[Session]
+    client: ZegoClient
+    limiter: SharedRateLimiter
+    policy: RetryPolicy
+    name: str
+    rng: random.Random
+
+    def send(self, job: Job, max_wait: float) -> StopRequest | None:
+        """Make one attempt; None when no rate slot came within max_wait (job released)."""
+        wait = self.limiter.reserve(max_wait)
+        if wait is None:
+            with write_transaction(self.sessions) as session:
+                release(session, job.stop_request_id)
+            return None
+        if wait > 0:
+            time.sleep(wait)
+        reply = self.client.stop_cloud_transcode(job.task_id, job.user_id, job.sequence)
+        log.info(
+            "StopCloudTranscode task=%s seq=%s outcome=%s code=%s request_id=%s",
+            job.task_id,
+            job.sequence,
+            reply.outcome,
+            reply.code,
+            reply.request_id,
+        )
+        with write_transaction(self.sessions) as session:
+            return record_attempt(
+                session,
+                job,
+                reply,
+                worker=self.name,
+                policy=self.policy,
+                now=utcnow(),
+                rng=self.rng,
+            )
+
+
+def make_dispatcher(
+    settings: Settings, engine: Engine, sessions: sessionmaker[Session], role: str
+) -> Dispatcher:
+    from .errors import ApiError
+
+    if settings.zego_app_id is None or not settings.zego_server_secret:
+        raise ApiError(503, "not_configured", "ZEGO_APP_ID and ZEGO_SERVER_SECRET must be set")
+    return Dispatcher(
+        sessions=sessions,
+        client=make_client(
+            settings.zego_api_url, settings.zego_app_id, settings.zego_server_secret
+        ),
+        limiter=SharedRateLimiter(engine, RATE_LIMITER_NAME, settings.zego_rate_limit),
+        policy=RetryPolicy(max_attempts=settings.stop_max_attempts),
+        name=process_name(role),
+        rng=random.Random(),  # noqa: S311 - jitter, not cryptography
+    )
+
+
+def stop_task_now(
+    session: Session,
+    dispatcher: Dispatcher,
+    task: Task,
+    *,
+    requested_by: str,
+    reason: str | None,
+    force: bool,
+    max_wait: float = 2.0,
+) -> tuple[StopRequest, bool]:
+    """Store a stop (commit), then make its first attempt; returns (request, created).
+
+    A stop already in flight for the task is returned instead of a new one.
+    """
+    stop, created = request_stop(
+        session,
+        task,
+        requested_by=requested_by,
+        reason=reason,
+        force=force,
+        claimant=dispatcher.name,
+        policy=dispatcher.policy,
+        now=utcnow(),
+    )
+    job = prepare_attempt(session, stop) if created else None
+    session.commit()  # stored before it is sent
+    if job is not None:
+        dispatcher.send(job, max_wait=max_wait)
+    session.expire_all()
+    return session.get_one(StopRequest, stop.id), created

@@ -1,0 +1,387 @@
+"""Stop requests: storing them, Sequence allocation, claiming work, and the retry policy.
+
+Every function takes a Session and never commits: the caller owns the
+transaction. The order is always: store (commit), then call ZEGOCLOUD outside
+any transaction, then record the answer (commit).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.orm import Session
+
+from .errors import ApiError
+from .lifecycle import ENDED, RANK_STOP_REQUEST
+from .models import StopAttempt, StopBatch, StopRequest, Task
+from .sqlutil import insert_ignore
+from .zego.client import ZegoReply
+
+RESTOP_AFTER = timedelta(seconds=120)
+MAX_RESTOPS = 3
+RESTOP_BY = "worker"
+MAX_BULK_TASKS = 10_000
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int
+    base_delay: float = 2.0
+    max_delay: float = 300.0
+    lease: timedelta = timedelta(seconds=120)
+
+    def delay(self, attempts: int, rng: random.Random) -> float:
+        """Exponential backoff with jitter: half fixed, half random, capped."""
+        ceiling = min(self.max_delay, self.base_delay * 2 ** max(0, attempts - 1))
+        return ceiling / 2 + rng.uniform(0, ceiling / 2)
+
+
+@dataclass(frozen=True)
+class Job:
+    """What one attempt needs, read before the call so no session is held during it."""
+
+    stop_request_id: int
+    task_id: str
+    user_id: str
+    sequence: int
+
+
+def lock_task(session: Session, task_pk: int) -> Task:
+    return session.execute(
+        select(Task)
+        .where(Task.id == task_pk)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    ).scalar_one()
+
+
+def request_stop(
+    session: Session,
+    task: Task,
+    *,
+    requested_by: str,
+    reason: str | None,
+    force: bool,
+    claimant: str,
+    policy: RetryPolicy,
+    now: datetime,
+) -> tuple[StopRequest, bool]:
+    """The task's stop in flight, or a new one claimed by `claimant`; True when new.
+
+    The task row is locked first, so two operators stopping at once are serialised
+    by the database: the second finds the first's request and gets it back.
+    """
+    task = lock_task(session, task.id)
+    queued = session.execute(
+        select(StopRequest).where(StopRequest.task_pk == task.id, StopRequest.state == "queued")
+    ).scalar_one_or_none()
+    if queued is not None:
+        return queued, False
+    if task.status == "stopping" and not force:
+        latest = latest_stop_request(session, task.id)
+        if latest is not None and latest.state == "succeeded":
+            return latest, False
+    if task.status in ENDED and not force:
+        raise ApiError(409, "already_stopped", f"task {task.task_id!r} is already {task.status}")
+    if task.owner is None:
+        raise ApiError(409, "owner_unknown", "no start callback has named this task's owner yet")
+    stop = StopRequest(
+        task_pk=task.id,
+        state="queued",
+        user_id=task.owner,
+        requested_by=requested_by,
+        reason=reason,
+        force=force,
+        created_at=now,
+        attempts=0,
+        next_attempt_at=now,
+        claimed_until=now + policy.lease,
+        claimed_by=claimant,
+    )
+    session.add(stop)
+    session.flush()
+    return stop, True
+
+
+def latest_stop_request(session: Session, task_pk: int) -> StopRequest | None:
+    return session.execute(
+        select(StopRequest)
+        .where(StopRequest.task_pk == task_pk)
+        .order_by(StopRequest.id.desc())
+        .limit(1)
+    ).scalar_one_or_none()
+
+
+def allocate_sequence(session: Session, task_pk: int) -> int:
+    """The next Sequence of the task, above every one seen or sent: one atomic UPDATE."""
+    sequence: int = session.execute(
+        update(Task)
+        .where(Task.id == task_pk)
+        .values(max_seq=Task.max_seq + 1)
+        .returning(Task.max_seq)
+    ).scalar_one()
+    return sequence
+
+
+def prepare_attempt(session: Session, stop: StopRequest) -> Job:
+    """Give the attempt its own Sequence; the caller commits before sending."""
+    sequence = allocate_sequence(session, stop.task_pk)
+    stop.sequence = sequence
+    task_id = session.execute(select(Task.task_id).where(Task.id == stop.task_pk)).scalar_one()
+    return Job(stop.id, task_id, stop.user_id, sequence)
+
+
+def claim_due(
+    session: Session, *, claimant: str, limit: int, policy: RetryPolicy, now: datetime
+) -> list[Job]:
+    """Claim queued requests whose time has come and whose lease is free.
+
+    FOR UPDATE SKIP LOCKED lets several workers claim side by side on PostgreSQL;
+    the lease keeps a request theirs after the commit, and expires if they crash.
+    """
+    rows = list(
+        session.execute(
+            select(StopRequest)
+            .where(
+                StopRequest.state == "queued",
+                StopRequest.next_attempt_at <= now,
+                or_(StopRequest.claimed_until.is_(None), StopRequest.claimed_until < now),
+            )
+            .order_by(StopRequest.next_attempt_at, StopRequest.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        ).scalars()
+    )
+    jobs = []
+    for stop in rows:
+        stop.claimed_until = now + policy.lease
+        stop.claimed_by = claimant
+        jobs.append(prepare_attempt(session, stop))
+    return jobs
+
+
+def release(session: Session, stop_request_id: int) -> None:
+    """Give a claimed request back to the queue untouched (e.g. no rate slot in time)."""
+    session.execute(
+        update(StopRequest)
+        .where(StopRequest.id == stop_request_id, StopRequest.state == "queued")
+        .values(claimed_until=None, claimed_by=None)
+    )
+
+
+def record_attempt(
+    session: Session,
+    job: Job,
+    reply: ZegoReply,
+    *,
+    worker: str,
+    policy: RetryPolicy,
+    now: datetime,
+    rng: random.Random,
+) -> StopRequest:
+    """Store the attempt and move the request (and on success the task) on."""
+    stop = session.execute(
+        select(StopRequest)
+        .where(StopRequest.id == job.stop_request_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    ).scalar_one()
+    session.add(
+        StopAttempt(
+            stop_request_id=stop.id,
+            attempted_at=now,
+            sequence=job.sequence,
+            outcome=reply.outcome,
+            http_status=reply.http_status,
+            code=reply.code,
+            message=reply.message,
+            request_id=reply.request_id,
+            elapsed_ms=reply.elapsed_ms,
+            worker=worker,
+        )
+    )
+    stop.attempts += 1
+    stop.last_code = reply.code
+    stop.last_message = reply.message
+    stop.last_request_id = reply.request_id
+    stop.claimed_until = None
+    stop.claimed_by = None
+    if reply.outcome == "success":
+        stop.state = "succeeded"
+        stop.completed_at = now
+        _mark_stopping(session, stop.task_pk, job.sequence, now)
+    elif reply.outcome == "permanent" or stop.attempts >= policy.max_attempts:
+        stop.state = "failed"
+        stop.completed_at = now
+    else:
+        stop.next_attempt_at = now + timedelta(seconds=policy.delay(stop.attempts, rng))
+    session.flush()
+    return stop
+
+
+def _mark_stopping(session: Session, task_pk: int, sequence: int, now: datetime) -> None:
+    """The task waits for its stop callback, unless that callback already came."""
+    position_is_newer = or_(
+        Task.state_seq < sequence,
+        (Task.state_seq == sequence) & (Task.state_rank < RANK_STOP_REQUEST),
+    )
+    session.execute(
+        update(Task)
+        .where(Task.id == task_pk, Task.status == "running", position_is_newer)
+        .values(
+            status="stopping",
+            state_seq=sequence,
+            state_rank=RANK_STOP_REQUEST,
+            updated_at=now,
+        )
+    )
+
+
+def stuck_stopping(session: Session, now: datetime, limit: int = 100) -> list[Task]:
+    """Tasks still `stopping` long after ZEGO accepted the stop, with nothing queued."""
+    queued = select(StopRequest.id).where(
+        StopRequest.task_pk == Task.id, StopRequest.state == "queued"
+    )
+    restops = (
+        select(func.count(StopRequest.id))
+        .where(StopRequest.task_pk == Task.id, StopRequest.requested_by == RESTOP_BY)
+        .scalar_subquery()
+    )
+    return list(
+        session.execute(
+            select(Task)
+            .where(
+                Task.status == "stopping",
+                Task.updated_at < now - RESTOP_AFTER,
+                ~queued.exists(),
+                restops < MAX_RESTOPS,
+            )
+            .limit(limit)
+        ).scalars()
+    )
+
+
+def queue_restop(session: Session, task: Task, now: datetime) -> bool:
+    """Queue one more stop for a stuck task, for the workers to send; True if queued."""
+    stop = StopRequest(
+        task_pk=task.id,
+        state="queued",
+        user_id=task.owner or "",
+        requested_by=RESTOP_BY,
+        reason=f"no stop callback within {int(RESTOP_AFTER.total_seconds())} s",
+        force=True,
+        created_at=now,
+        attempts=0,
+        next_attempt_at=now,
+    )
+    values = {c: getattr(stop, c) for c in StopRequest.__table__.columns.keys() if c != "id"}
+    queued_only = StopRequest.__table__.c.state == "queued"
+    inserted = insert_ignore(session, StopRequest, values, ["task_pk"], index_where=queued_only)
+    if inserted:
+        # Waiting starts afresh, so the next look at this task is RESTOP_AFTER away.
+        session.execute(update(Task).where(Task.id == task.id).values(updated_at=now))
+    return inserted
+
+
+@dataclass(frozen=True)
+class BulkSelection:
+    task_ids: tuple[str, ...] | None = None
+    owner: str | None = None
+    all_running: bool = False
+
+    @classmethod
+    def from_json(cls, body: Any) -> BulkSelection:
+        if not isinstance(body, dict):
+            raise ApiError(400, "invalid_body", "the body must be a JSON object")
+        given = [
+            k for k in ("task_ids", "owner", "all_running") if body.get(k) not in (None, False)
+        ]
+        if len(given) != 1:
+            raise ApiError(400, "invalid_body", "give exactly one of task_ids, owner, all_running")
+        if given == ["task_ids"]:
+            ids = body["task_ids"]
+            if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
+                raise ApiError(400, "invalid_body", "task_ids must be a non-empty list of strings")
+            if len(ids) > MAX_BULK_TASKS:
+                raise ApiError(400, "invalid_body", f"task_ids holds at most {MAX_BULK_TASKS}")
+            return cls(task_ids=tuple(dict.fromkeys(ids)))
+        if given == ["owner"]:
+            if not isinstance(body["owner"], str):
+                raise ApiError(400, "invalid_body", "owner must be a string")
+            return cls(owner=body["owner"])
+        if body["all_running"] is not True:
+            raise ApiError(400, "invalid_body", "all_running must be true")
+        return cls(all_running=True)
+
+    def as_json(self) -> dict[str, Any]:
+        if self.task_ids is not None:
+            return {"task_ids": list(self.task_ids)}
+        if self.owner is not None:
+            return {"owner": self.owner}
+        return {"all_running": True}
+
+
+def create_batch(
+    session: Session,
+    selection: BulkSelection,
+    *,
+    requested_by: str,
+    reason: str | None,
+    app_id: int | None,
+    now: datetime,
+) -> tuple[StopBatch, dict[str, str]]:
+    """Queue a stop for every selected running task; returns the batch and skipped tasks."""
+    query = select(Task.id, Task.task_id, Task.status, Task.owner)
+    if app_id is not None:
+        query = query.where(Task.app_id == app_id)
+    if selection.task_ids is not None:
+        query = query.where(Task.task_id.in_(selection.task_ids))
+    elif selection.owner is not None:
+        query = query.where(Task.owner == selection.owner, Task.status == "running")
+    else:
+        query = query.where(Task.status == "running")
+    rows = session.execute(query.order_by(Task.id)).all()
+
+    skipped: dict[str, str] = {}
+    if selection.task_ids is not None:
+        known = {r.task_id for r in rows}
+        skipped.update({t: "unknown_task" for t in selection.task_ids if t not in known})
+    batch = StopBatch(
+        created_at=now,
+        requested_by=requested_by,
+        reason=reason,
+        selector=selection.as_json(),
+        total=0,
+    )
+    session.add(batch)
+    session.flush()
+    queued_only = StopRequest.__table__.c.state == "queued"
+    for row in rows:
+        if row.status != "running":
+            skipped[row.task_id] = f"task is {row.status}"
+            continue
+        if row.owner is None:
+            skipped[row.task_id] = "owner_unknown"
+            continue
+        values = {
+            "task_pk": row.id,
+            "batch_id": batch.id,
+            "state": "queued",
+            "user_id": row.owner,
+            "requested_by": requested_by,
+            "reason": reason,
+            "force": False,
+            "created_at": now,
+            "attempts": 0,
+            "next_attempt_at": now,
+        }
+        if insert_ignore(session, StopRequest, values, ["task_pk"], index_where=queued_only):
+            batch.total += 1
+        else:
+            skipped[row.task_id] = "a stop is already queued"
+    session.flush()
+    return batch, skipped

@@ -1,0 +1,154 @@
+"""ZEGOCLOUD server API client: signed calls, the JSON envelope, and return-code classes."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import requests
+
+from .signing import api_signature, new_nonce
+
+log = logging.getLogger(__name__)
+
+Outcome = Literal["success", "retryable", "permanent"]
+
+# SPEC 3.3 and zego-reference.md section 7: worth another try later.
+RETRYABLE_CODES = frozenset(
+    {
+        110200001,  # failed, retry
+        110200151,  # transcoding task failed, retry
+        110200190,  # overload (start)
+        110200191,  # overload (stop)
+        110200194,  # overload (generic)
+        100000015,  # gateway internal error
+    }
+)
+
+
+@dataclass(frozen=True)
+class ZegoReply:
+    outcome: Outcome
+    code: int | None
+    message: str
+    request_id: str | None
+    http_status: int | None
+    elapsed_ms: int
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == "success"
+
+
+def classify(code: int) -> Outcome:
+    if code == 0:
+        return "success"
+    return "retryable" if code in RETRYABLE_CODES else "permanent"
+
+
+class ZegoClient:
+    """Calls one ZEGOCLOUD API endpoint; every dependency is passed in."""
+
+    def __init__(
+        self,
+        http: requests.Session,
+        base_url: str,
+        app_id: int,
+        server_secret: str,
+        *,
+        timeout: tuple[float, float] = (3.05, 10.0),
+        clock: Callable[[], float] = time.time,
+        nonce: Callable[[], str] = new_nonce,
+    ) -> None:
+        self._http = http
+        self._base_url = base_url
+        self._app_id = app_id
+        self._secret = server_secret
+        self._timeout = timeout
+        self._clock = clock
+        self._nonce = nonce
+
+    def __repr__(self) -> str:  # never show the secret
+        return f"ZegoClient(base_url={self._base_url!r}, app_id={self._app_id})"
+
+    def stop_cloud_transcode(self, task_id: str, user_id: str, sequence: int) -> ZegoReply:
+        body = {"TaskId": task_id, "UserId": user_id, "Sequence": sequence}
+        return self.call("StopCloudTranscode", body)
+
+    def start_cloud_transcode(self, body: dict[str, Any]) -> ZegoReply:
+        return self.call("StartCloudTranscode", body)
+
+    def signed_params(self, action: str) -> dict[str, str]:
+        """The common query parameters, with a fresh nonce, Timestamp and Signature."""
+        nonce = self._nonce()
+        timestamp = int(self._clock())
+        return {
+            "Action": action,
+            "AppId": str(self._app_id),
+            "SignatureNonce": nonce,
+            "Timestamp": str(timestamp),
+            "Signature": api_signature(self._app_id, nonce, self._secret, timestamp),
+            "SignatureVersion": "2.0",
+        }
+
+    def call(self, action: str, body: dict[str, Any]) -> ZegoReply:
+        """POST one signed request; network failures and 5xx come back as retryable."""
+        started = time.monotonic()
+        try:
+            response = self._http.post(
+                self._base_url, params=self.signed_params(action), json=body, timeout=self._timeout
+            )
+        except requests.Timeout:
+            return self._reply("retryable", None, "timed out", None, None, started)
+        except requests.RequestException as exc:
+            return self._reply("retryable", None, f"{type(exc).__name__}", None, None, started)
+        return self._parse(response, started)
+
+    def _parse(self, response: requests.Response, started: float) -> ZegoReply:
+        status = response.status_code
+        try:
+            envelope = response.json()
+            code = int(envelope["Code"])
+            message = str(envelope.get("Message", ""))[:500]
+            request_id = envelope.get("RequestId")
+        except (ValueError, KeyError, TypeError):
+            retryable = status == 429 or status >= 500
+            outcome: Outcome = "retryable" if retryable else "permanent"
+            return self._reply(
+                outcome, None, f"HTTP {status} without a ZEGO envelope", None, status, started
+            )
+        if status == 429 or status >= 500:
+            outcome = "retryable"
+        elif status >= 400 and code == 0:
+            outcome = "permanent"
+        else:
+            outcome = classify(code)
+        return self._reply(
+            outcome, code, message, None if request_id is None else str(request_id), status, started
+        )
+
+    @staticmethod
+    def _reply(
+        outcome: Outcome,
+        code: int | None,
+        message: str,
+        request_id: str | None,
+        http_status: int | None,
+        started: float,
+    ) -> ZegoReply:
+        elapsed = int((time.monotonic() - started) * 1000)
+        return ZegoReply(outcome, code, message, request_id, http_status, elapsed)
+
+
+def make_client(
+    base_url: str, app_id: int, server_secret: str, timeout: tuple[float, float] = (3.05, 10.0)
+) -> ZegoClient:
+    """A client with its own pooled Session, as the service uses it."""
+    http = requests.Session()
+    adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=32, max_retries=0)
+    http.mount("http://", adapter)
+    http.mount("https://", adapter)
+    return ZegoClient(http, base_url, app_id, server_secret, timeout=timeout)
