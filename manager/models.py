@@ -233,3 +233,28 @@ class RateLimiter(Base):
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     next_slot: Mapped[float] = mapped_column(Float(precision=53))
+
+
+class TaskRun(Base):
+    """One run of a task, from its start to its stop: the history behind the reports.
+
+    A task's row holds only its current run; every run, current one included, is here.
+    Times are ZEGOCLOUD's Timestamps (naive UTC); a run whose start never arrived has
+    no started_at, one still going has no ended_at.
+    """
+
+    __tablename__ = "task_runs"
+    __table_args__ = (
+        UniqueConstraint("task_pk", "run_no"),
+        Index("ix_task_runs_started_at", "started_at"),
+        Index("ix_task_runs_ended_at", "ended_at"),
+        Index("ix_task_runs_owner", "owner"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    task_pk: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"))
+    run_no: Mapped[int] = mapped_column(Integer)
+    owner: Mapped[str | None] = mapped_column(String(256))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime)
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime)
+    stop_reason: Mapped[int | None] = mapped_column(SmallInteger)
