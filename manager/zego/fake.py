@@ -148,26 +148,28 @@ class FakeZego:
         """One API request; returns (HTTP status, ZEGO envelope)."""
         now = self._clock()
         action = params.get("Action", "")
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            payload = None
+        task_id, _user, sequence = (
+            _ids(payload) if isinstance(payload, dict) else (None, None, None)
+        )
         refusal = self._check_common(params, now)
         if refusal is not None:
-            return self._answer(now, action, None, None, 200, *refusal)
+            return self._answer(now, action, task_id, sequence, 200, *refusal)
         if not self._take_rate_slot(now):
-            return self._answer(
-                now, action, None, None, 200, THROTTLED.get(action, 110200194), "request overload"
-            )
+            code = THROTTLED.get(action, 110200194)
+            return self._answer(now, action, task_id, sequence, 200, code, "request overload")
         failure = self._next_failure()
         if failure is not None:
             # A slow answer is a lost request: nothing is applied (504 once the wait is over).
             time.sleep(failure.delay)
             if failure.code is not None:
-                return self._answer(now, action, None, None, 200, failure.code, "injected failure")
+                return self._answer(now, action, task_id, sequence, 200, failure.code, "injected")
             status = failure.http_status or 504
-            return self._answer(now, action, None, None, status, -1, "injected failure")
-        try:
-            payload = json.loads(body)
-            if not isinstance(payload, dict):
-                raise ValueError
-        except ValueError:
+            return self._answer(now, action, task_id, sequence, status, -1, "injected failure")
+        if not isinstance(payload, dict):
             return self._answer(now, action, None, None, 200, 110200004, "cannot parse body")
         if action == "StopCloudTranscode":
             return self._stop(now, payload)
