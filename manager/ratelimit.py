@@ -34,16 +34,24 @@ class SharedRateLimiter:
         # Only per-dialect constants are formatted in; every value is a bound parameter.
         sql = " ".join(
             [
-                f"UPDATE rate_limiters SET next_slot = {greatest}(next_slot, {now}) + :interval",  # noqa: S608, E501
+                f"UPDATE rate_limiters SET next_slot = {greatest}(next_slot, {now}) + :span",  # noqa: S608
                 f"WHERE name = :name AND next_slot <= {now} + :max_wait",
-                f"RETURNING next_slot - :interval - {now}",
+                f"RETURNING next_slot - :span - {now}",
             ]
         )
         self._reserve = text(sql)
 
     def reserve(self, max_wait: float) -> float | None:
         """Seconds to wait before the reserved call may go; None if that would exceed max_wait."""
-        params = {"interval": self.interval, "name": self.name, "max_wait": max_wait}
+        waits = self.reserve_many(1, max_wait)
+        return None if waits is None else waits[0]
+
+    def reserve_many(self, count: int, max_wait: float) -> list[float] | None:
+        """Reserve `count` consecutive slots in one statement; the seconds to wait for each.
+
+        None when the first free slot lies more than max_wait ahead.
+        """
+        params = {"span": count * self.interval, "name": self.name, "max_wait": max_wait}
         with self._engine.begin() as conn:
             row = conn.execute(self._reserve, params).first()
             if row is None:
@@ -56,7 +64,8 @@ class SharedRateLimiter:
                 row = conn.execute(self._reserve, params).first()
         if row is None:
             return None
-        return max(0.0, float(row[0]))
+        first = float(row[0])
+        return [max(0.0, first + i * self.interval) for i in range(count)]
 
     def _exists(self, conn: Connection) -> bool:
         query = select(RateLimiter.name).where(RateLimiter.name == self.name)

@@ -8,11 +8,12 @@ any transaction, then record the answer (commit).
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import Boolean, Table, bindparam, func, literal_column, or_, select, update
 from sqlalchemy.orm import Session
 
 from .errors import ApiError
@@ -25,6 +26,9 @@ RESTOP_AFTER = timedelta(seconds=120)
 MAX_RESTOPS = 3
 RESTOP_BY = "worker"
 MAX_BULK_TASKS = 10_000
+# The predicate of the partial unique index, as a literal: PostgreSQL infers the
+# ON CONFLICT target from it, which a bound parameter would defeat.
+QUEUED_ONLY = literal_column("state = 'queued'", Boolean)
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class Job:
     task_id: str
     user_id: str
     sequence: int
+    attempts_before: int
 
 
 def lock_task(session: Session, task_pk: int) -> Task:
@@ -132,7 +137,7 @@ def prepare_attempt(session: Session, stop: StopRequest) -> Job:
     sequence = allocate_sequence(session, stop.task_pk)
     stop.sequence = sequence
     task_id = session.execute(select(Task.task_id).where(Task.id == stop.task_pk)).scalar_one()
-    return Job(stop.id, task_id, stop.user_id, sequence)
+    return Job(stop.id, task_id, stop.user_id, sequence, stop.attempts)
 
 
 def claim_due(
@@ -142,25 +147,47 @@ def claim_due(
 
     FOR UPDATE SKIP LOCKED lets several workers claim side by side on PostgreSQL;
     the lease keeps a request theirs after the commit, and expires if they crash.
+    Each claimed request gets its attempt's Sequence in the same transaction.
     """
-    rows = list(
-        session.execute(
-            select(StopRequest)
-            .where(
-                StopRequest.state == "queued",
-                StopRequest.next_attempt_at <= now,
-                or_(StopRequest.claimed_until.is_(None), StopRequest.claimed_until < now),
-            )
-            .order_by(StopRequest.next_attempt_at, StopRequest.id)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        ).scalars()
+    rows = session.execute(
+        select(StopRequest.id, StopRequest.task_pk, StopRequest.user_id, StopRequest.attempts)
+        .where(
+            StopRequest.state == "queued",
+            StopRequest.next_attempt_at <= now,
+            or_(StopRequest.claimed_until.is_(None), StopRequest.claimed_until < now),
+        )
+        .order_by(StopRequest.next_attempt_at, StopRequest.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).all()
+    if not rows:
+        return []
+    # One queued request per task (a unique index), so each task is bumped once.
+    allocated = {
+        task_pk: (task_id, sequence)
+        for task_pk, task_id, sequence in session.execute(
+            update(Task)
+            .where(Task.id.in_([r.task_pk for r in rows]))
+            .values(max_seq=Task.max_seq + 1)
+            .returning(Task.id, Task.task_id, Task.max_seq)
+        )
+    }
+    jobs = [
+        Job(r.id, allocated[r.task_pk][0], r.user_id, allocated[r.task_pk][1], r.attempts)
+        for r in rows
+    ]
+    session.execute(
+        update(StopRequest),
+        [
+            {
+                "id": j.stop_request_id,
+                "sequence": j.sequence,
+                "claimed_until": now + policy.lease,
+                "claimed_by": claimant,
+            }
+            for j in jobs
+        ],
     )
-    jobs = []
-    for stop in rows:
-        stop.claimed_until = now + policy.lease
-        stop.claimed_by = claimant
-        jobs.append(prepare_attempt(session, stop))
     return jobs
 
 
@@ -173,72 +200,110 @@ def release(session: Session, stop_request_id: int) -> None:
     )
 
 
-def record_attempt(
+def record_attempts(
     session: Session,
-    job: Job,
-    reply: ZegoReply,
+    results: Sequence[tuple[Job, ZegoReply]],
     *,
     worker: str,
     policy: RetryPolicy,
     now: datetime,
     rng: random.Random,
-) -> StopRequest:
-    """Store the attempt and move the request (and on success the task) on."""
-    stop = session.execute(
-        select(StopRequest)
-        .where(StopRequest.id == job.stop_request_id)
-        .with_for_update()
-        .execution_options(populate_existing=True)
-    ).scalar_one()
-    session.add(
-        StopAttempt(
-            stop_request_id=stop.id,
-            attempted_at=now,
-            sequence=job.sequence,
-            outcome=reply.outcome,
-            http_status=reply.http_status,
-            code=reply.code,
-            message=reply.message,
-            request_id=reply.request_id,
-            elapsed_ms=reply.elapsed_ms,
-            worker=worker,
+) -> list[str]:
+    """Store attempts and move their requests (and on success their tasks) on.
+
+    Returns each request's new state. The caller holds the requests' leases, so each
+    attempt count is the one it claimed. Three executemany statements, whatever the
+    number of results: the worker records its attempts in batches.
+    """
+    if not results:
+        return []
+    attempts, requests, stopping, states = [], [], [], []
+    for job, reply in results:
+        attempts.append(
+            {
+                "stop_request_id": job.stop_request_id,
+                "attempted_at": now,
+                "sequence": job.sequence,
+                "outcome": reply.outcome,
+                "http_status": reply.http_status,
+                "code": reply.code,
+                "message": reply.message,
+                "request_id": reply.request_id,
+                "elapsed_ms": reply.elapsed_ms,
+                "worker": worker,
+            }
         )
-    )
-    stop.attempts += 1
-    stop.last_code = reply.code
-    stop.last_message = reply.message
-    stop.last_request_id = reply.request_id
-    stop.claimed_until = None
-    stop.claimed_by = None
-    if reply.outcome == "success":
-        stop.state = "succeeded"
-        stop.completed_at = now
-        _mark_stopping(session, stop.task_pk, job.sequence, now)
-    elif reply.outcome == "permanent" or stop.attempts >= policy.max_attempts:
-        stop.state = "failed"
-        stop.completed_at = now
-    else:
-        stop.next_attempt_at = now + timedelta(seconds=policy.delay(stop.attempts, rng))
-    session.flush()
-    return stop
+        count = job.attempts_before + 1
+        next_attempt_at = None
+        if reply.outcome == "success":
+            state = "succeeded"
+            stopping.append({"b_stop_id": job.stop_request_id, "b_seq": job.sequence, "b_now": now})
+        elif reply.outcome == "permanent" or count >= policy.max_attempts:
+            state = "failed"
+        else:
+            state = "queued"
+            next_attempt_at = now + timedelta(seconds=policy.delay(count, rng))
+        states.append(state)
+        requests.append(
+            {
+                "b_id": job.stop_request_id,
+                "b_state": state,
+                "b_attempts": count,
+                "b_code": reply.code,
+                "b_message": reply.message,
+                "b_request_id": reply.request_id,
+                "b_completed_at": None if state == "queued" else now,
+                "b_next_attempt_at": next_attempt_at,
+            }
+        )
+    session.execute(_INSERT_ATTEMPT, attempts)
+    session.execute(_UPDATE_REQUEST, requests)
+    if stopping:
+        session.execute(_MARK_STOPPING, stopping)
+    return states
 
 
-def _mark_stopping(session: Session, task_pk: int, sequence: int, now: datetime) -> None:
-    """The task waits for its stop callback, unless that callback already came."""
-    position_is_newer = or_(
-        Task.state_seq < sequence,
-        (Task.state_seq == sequence) & (Task.state_rank < RANK_STOP_REQUEST),
+_requests_table = cast(Table, StopRequest.__table__)
+_tasks_table = cast(Table, Task.__table__)
+_requests = _requests_table.c
+_tasks = _tasks_table.c
+_INSERT_ATTEMPT = cast(Table, StopAttempt.__table__).insert()
+_UPDATE_REQUEST = (
+    _requests_table.update()
+    .where(_requests.id == bindparam("b_id"))
+    .values(
+        state=bindparam("b_state"),
+        attempts=bindparam("b_attempts"),
+        last_code=bindparam("b_code"),
+        last_message=bindparam("b_message"),
+        last_request_id=bindparam("b_request_id"),
+        completed_at=bindparam("b_completed_at"),
+        next_attempt_at=func.coalesce(bindparam("b_next_attempt_at"), _requests.next_attempt_at),
+        claimed_until=None,
+        claimed_by=None,
     )
-    session.execute(
-        update(Task)
-        .where(Task.id == task_pk, Task.status == "running", position_is_newer)
-        .values(
-            status="stopping",
-            state_seq=sequence,
-            state_rank=RANK_STOP_REQUEST,
-            updated_at=now,
-        )
+)
+# The task waits for its stop callback, unless that callback (or something newer) came.
+_MARK_STOPPING = (
+    _tasks_table.update()
+    .where(
+        _tasks.id
+        == select(_requests.task_pk)
+        .where(_requests.id == bindparam("b_stop_id"))
+        .scalar_subquery(),
+        _tasks.status == "running",
+        or_(
+            _tasks.state_seq < bindparam("b_seq"),
+            (_tasks.state_seq == bindparam("b_seq")) & (_tasks.state_rank < RANK_STOP_REQUEST),
+        ),
     )
+    .values(
+        status="stopping",
+        state_seq=bindparam("b_seq"),
+        state_rank=RANK_STOP_REQUEST,
+        updated_at=bindparam("b_now"),
+    )
+)
 
 
 def stuck_stopping(session: Session, now: datetime, limit: int = 100) -> list[Task]:
@@ -279,7 +344,7 @@ def queue_restop(session: Session, task: Task, now: datetime) -> bool:
         next_attempt_at=now,
     )
     values = {c: getattr(stop, c) for c in StopRequest.__table__.columns.keys() if c != "id"}
-    queued_only = StopRequest.__table__.c.state == "queued"
+    queued_only = QUEUED_ONLY
     inserted = insert_ignore(session, StopRequest, values, ["task_pk"], index_where=queued_only)
     if inserted:
         # Waiting starts afresh, so the next look at this task is RESTOP_AFTER away.
@@ -359,7 +424,7 @@ def create_batch(
     )
     session.add(batch)
     session.flush()
-    queued_only = StopRequest.__table__.c.state == "queued"
+    queued_only = QUEUED_ONLY
     for row in rows:
         if row.status != "running":
             skipped[row.task_id] = f"task is {row.status}"

@@ -133,8 +133,12 @@ class FakeZego:
             stops: dict[str, list[int]] = {
                 t: list(v.stops) for t, v in self.tasks.items() if v.stops
             }
+            times = [c["at"] for c in self.calls]
             return {
                 "calls": len(self.calls),
+                "accepted_stops": sum(len(v) for v in stops.values()),
+                "first_call_at": min(times, default=None),
+                "last_call_at": max(times, default=None),
                 "throttled": self.throttled,
                 "max_calls_in_one_second": self.max_in_window,
                 "stops": stops,
@@ -381,8 +385,11 @@ def create_fake_app(fake: FakeZego) -> Flask:
 
     @app.post("/_fake/tasks")
     def seed() -> Response:
+        """One task ({task_id, owner, sequence}) or many ({"tasks": [...], "notify": false})."""
         data = request.get_json(force=True)
-        fake.seed(str(data["task_id"]), str(data["owner"]), int(data.get("sequence", 0)))
+        notify = bool(data.get("notify", True))
+        for item in data.get("tasks", [data]):
+            fake.seed(str(item["task_id"]), str(item["owner"]), int(item.get("sequence", 0)), notify)
         return jsonify({"ok": True})
 
     @app.post("/_fake/tasks/<task_id>/fail")
