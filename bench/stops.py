@@ -217,7 +217,8 @@ def main() -> int:
     print(f"throttled calls     {stats['throttled']}")
     print(f"max calls in 1 s    {stats['max_calls_in_one_second']}")
     per_stop = {k: 1000 * v / max(1, accepted) for k, v in cpu.items()}
-    print(f"cpu per stop        workers {per_stop['workers']:.1f} ms, fake {per_stop['fake']:.1f} ms")
+    workers_ms, fake_ms = per_stop["workers"], per_stop["fake"]
+    print(f"cpu per stop        workers {workers_ms:.1f} ms, fake {fake_ms:.1f} ms")
     print(f"load average        {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     ok = accepted == args.tasks and sustained >= 0.95 * args.rate_limit and stats["throttled"] == 0
     print(f"targets (>= {0.95 * args.rate_limit:.0f}/s, 0 throttled): {'PASS' if ok else 'FAIL'}")
