@@ -242,6 +242,29 @@ def fake_zego_command(host: str, port: int, callback_url: str, rate_limit: int) 
     server.serve_forever()
 
 
+@click.command("demo")
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--fake-port", default=8900, show_default=True, type=int)
+@click.option("--exit", "then_exit", is_flag=True, help="stop everything once the traffic is done")
+def demo_command(port: int, fake_port: int, then_exit: bool) -> None:
+    """Run the service, the fake ZEGOCLOUD, a worker and sample traffic, on 127.0.0.1."""
+    import threading
+
+    from .demo import Demo
+
+    demo = Demo(port, fake_port, click.echo)
+    try:
+        demo.start()
+        demo.traffic()
+        if not then_exit:
+            click.echo("\nstill running: explore the API and the dashboard; Ctrl-C stops it all")
+            threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        demo.stop()
+
+
 def echo_table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
     """Print rows as an aligned plain-text table."""
     text_rows = [[str(v) for v in row] for row in rows]
@@ -273,6 +296,9 @@ def register_commands(app: Flask) -> None:
     app.cli.add_command(stop_command)
     app.cli.add_command(worker_command)
     app.cli.add_command(fake_zego_command)
+    app.cli.add_command(demo_command)
+
+
 
 
 def _create_app() -> Flask:
