@@ -389,7 +389,8 @@ def create_fake_app(fake: FakeZego) -> Flask:
         data = request.get_json(force=True)
         notify = bool(data.get("notify", True))
         for item in data.get("tasks", [data]):
-            fake.seed(str(item["task_id"]), str(item["owner"]), int(item.get("sequence", 0)), notify)
+            sequence = int(item.get("sequence", 0))
+            fake.seed(str(item["task_id"]), str(item["owner"]), sequence, notify)
         return jsonify({"ok": True})
 
     @app.post("/_fake/tasks/<task_id>/fail")
