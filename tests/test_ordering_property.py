@@ -17,7 +17,9 @@ from manager.models import Delivery, Task
 
 from .conftest import callback
 
-T0 = int(time.time()) - 120
+# Timestamps in LIFECYCLES are seconds after the first delivery; each test places that
+# 120 s before it starts, so that every delivery is within CALLBACK_MAX_AGE.
+T0 = 0
 DETAILS_1 = {"Input": {"StreamId": "in"}, "Outputs": [{"StreamId": "o", "Width": 1280}]}
 DETAILS_2 = {"Input": {"StreamId": "in"}, "Outputs": [{"StreamId": "o", "Width": 640}]}
 
@@ -102,10 +104,17 @@ STATE_FIELDS = (
 
 
 def run(
-    client: FlaskClient, db: Session, steps: list[tuple[str, dict[str, Any]]], order: list[int]
+    client: FlaskClient,
+    db: Session,
+    steps: list[tuple[str, dict[str, Any]]],
+    order: list[int],
+    t0: int,
 ) -> tuple[Any, ...]:
     task_id = f"prop-{uuid.uuid4().hex[:12]}"
-    bodies = [callback(event, task_id=task_id, **kw) for event, kw in steps]
+    bodies = [
+        callback(event, task_id=task_id, **{**kw, "timestamp": t0 + kw["timestamp"]})
+        for event, kw in steps
+    ]
     for i in order:
         response = client.post(
             "/callbacks/zego", data=json.dumps(bodies[i]), content_type="application/json"
@@ -128,15 +137,17 @@ def test_every_arrival_order_ends_in_the_serial_state(
     client: FlaskClient, db: Session, data: st.DataObject, name: str
 ) -> None:
     steps = LIFECYCLES[name]
-    serial = run(client, db, steps, [i for i in range(len(steps)) for _ in range(2)])
+    t0 = int(time.time()) - 120
+    serial = run(client, db, steps, [i for i in range(len(steps)) for _ in range(2)], t0)
     shuffled = data.draw(st.permutations([i for i in range(len(steps)) for _ in range(2)]))
-    assert run(client, db, steps, shuffled) == serial
+    assert run(client, db, steps, shuffled, t0) == serial
 
 
 def test_serial_states_are_what_the_rules_say(client: FlaskClient, db: Session) -> None:
-    user_stop = run(client, db, LIFECYCLES["user stop"], [0, 1, 2])
+    t0 = int(time.time()) - 120
+    user_stop = run(client, db, LIFECYCLES["user stop"], [0, 1, 2], t0)
     assert user_stop[:5] == ("stopped", "user-1", 3, DETAILS_2["Input"], DETAILS_2["Outputs"])
-    auto = run(client, db, LIFECYCLES["automatic stop without sequence"], [0, 1, 2])
+    auto = run(client, db, LIFECYCLES["automatic stop without sequence"], [0, 1, 2], t0)
     assert (auto[0], auto[-1]) == ("failed", 1)
-    restart = run(client, db, LIFECYCLES["restart after stop"], [0, 1, 2, 3])
+    restart = run(client, db, LIFECYCLES["restart after stop"], [0, 1, 2, 3], t0)
     assert (restart[0], restart[4], restart[6]) == ("running", DETAILS_1["Outputs"], None)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, cast
 
 from flask import Blueprint, Response, jsonify, request
+from sqlalchemy import Table, bindparam, insert
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import RequestEntityTooLarge
 
@@ -23,6 +24,7 @@ bp = Blueprint("callbacks", __name__)
 
 # Enough to audit any real callback; a flood of junk cannot grow the table fast.
 STORED_BODY_BYTES = 16 * 1024
+INT32_MAX = 2**31 - 1  # deliveries.body_size is an Integer
 
 
 @bp.post("/callbacks/zego", defaults={"path_event": None})
@@ -78,34 +80,53 @@ def _receive(path_event: str | None, received_at: Any) -> tuple[Response, int]:
 
 
 def _read_body() -> tuple[bytes, int]:
-    """Read at most one byte past the cap, whatever Content-Length claims."""
+    """The body and its size, reading at most one byte past the cap whatever is claimed.
+
+    A body over the cap comes back empty, with a size above MAX_BODY_BYTES.
+    """
     declared = request.content_length
     if declared is not None and declared > MAX_BODY_BYTES:
-        return b"", declared
+        # The client's claim, unread; capped so that it fits the Integer column.
+        return b"", min(declared, INT32_MAX)
+    environ = request.environ
+    if declared is None and environ.get("wsgi.input_terminated"):
+        # Chunked: the server ends the stream where the chunks end. Werkzeug's own
+        # limited stream would return the first 64 KiB of a larger body as if whole.
+        stream = environ["wsgi.input"]
+    else:
+        stream = request.stream
+    chunks: list[bytes] = []
+    size = 0
     try:
-        raw = request.stream.read(MAX_BODY_BYTES + 1)
-    except RequestEntityTooLarge:  # a chunked body that went past MAX_CONTENT_LENGTH
+        while size <= MAX_BODY_BYTES:
+            chunk = stream.read(MAX_BODY_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except RequestEntityTooLarge:
+        size = MAX_BODY_BYTES + 1
+    if size > MAX_BODY_BYTES:
         return b"", MAX_BODY_BYTES + 1
-    return raw, len(raw)
+    return b"".join(chunks), size
 
 
 def _reject(exc: CallbackError, raw: bytes, size: int, received_at: Any) -> tuple[Response, int]:
     """Record the refused delivery in its own transaction, then answer with the error."""
     session = get_session()
-    audit = {k: v for k, v in exc.fields.items() if k in Delivery.__table__.columns}
+    values = dict.fromkeys(_AUDIT_COLUMNS)
+    values.update((k, v) for k, v in exc.fields.items() if k in _AUDIT_COLUMNS)
+    values.update(
+        received_at=received_at,
+        verdict="rejected",
+        reason=exc.code,
+        remote_addr=request.remote_addr,
+        body_size=size,
+        raw_body=raw[:STORED_BODY_BYTES],
+    )
     try:
         begin_write(session)
-        session.add(
-            Delivery(
-                received_at=received_at,
-                verdict="rejected",
-                reason=exc.code,
-                remote_addr=request.remote_addr,
-                body_size=size,
-                raw_body=raw[:STORED_BODY_BYTES],
-                **audit,
-            )
-        )
+        session.connection().execute(_INSERT_REJECTED, values)
         session.commit()
     except SQLAlchemyError as db_exc:
         session.rollback()
@@ -113,3 +134,11 @@ def _reject(exc: CallbackError, raw: bytes, size: int, received_at: Any) -> tupl
         return error_response(503, "database_unavailable", "the callback could not be stored")
     DELIVERIES.labels("rejected", exc.code).inc()
     return error_response(exc.status, exc.code, exc.message)
+
+
+_DELIVERIES = cast(Table, Delivery.__table__)
+# What a refusal may know of the callback: CallbackError.fields, as far as they were read.
+_AUDIT_COLUMNS = frozenset(
+    c.name for c in _DELIVERIES.columns if c.name not in ("id", "event_key", "task_pk")
+)
+_INSERT_REJECTED = insert(_DELIVERIES).values({c: bindparam(c) for c in sorted(_AUDIT_COLUMNS)})

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote, unquote_plus
@@ -24,6 +26,12 @@ STATUS_STOPPED = "TranscodeStopped"
 MAX_ID_LENGTH = 256
 MAX_NONCE_LENGTH = 128
 INT64_MAX = 2**63 - 1
+# Far deeper than any real callback, far shallower than Python's recursion limit, which
+# json.dumps (the digest, the JSON columns) would otherwise reach when the body is saved.
+MAX_JSON_DEPTH = 32
+# What a text column cannot hold on every backend (NUL), what cannot be encoded as
+# UTF-8 (lone surrogates, from JSON's "\ud800" escapes), and other control characters.
+_UNSTORABLE = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
 T = TypeVar("T")
 
 
@@ -106,16 +114,66 @@ def decode_body(raw: bytes, content_type: str | None = None) -> dict[str, Any]:
         return _json_object(text)
     if text.startswith("%7B") or text.startswith("%7b"):
         return _percent_encoded_json(text)
+    if text[:1] in _JSON_VALUE_STARTS:
+        try:
+            _loads(text)
+        except CallbackError:
+            pass  # not JSON at all: perhaps a form
+        else:
+            raise CallbackError(400, "invalid_json", "the request body must be a JSON object")
     if "=" in text:
         return _form(text)
     raise CallbackError(400, "invalid_body", "the request body is neither JSON nor a form")
 
 
-def _json_object(text: str) -> dict[str, Any]:
+# The first character of a JSON text that is not an object.
+_JSON_VALUE_STARTS = frozenset('["-0123456789tfn')
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):  # 1e999: JSON columns could not store it
+        raise ValueError(f"{text} is out of range")
+    return number
+
+
+def _loads(text: str) -> Any:
+    """Strict RFC 8259 JSON (no NaN or Infinity), nested at most MAX_JSON_DEPTH deep."""
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, RecursionError):
         raise CallbackError(400, "invalid_json", "the request body is not valid JSON") from None
+    # Counting brackets is cheap and, for every real callback, settles it.
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _depth_exceeds(value):
+        raise CallbackError(
+            400, "invalid_json", f"the request body's JSON is nested over {MAX_JSON_DEPTH} deep"
+        )
+    return value
+
+
+def _depth_exceeds(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children: Iterable[Any]
+        if isinstance(node, dict):
+            children = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    value = _loads(text)
     if not isinstance(value, dict):
         raise CallbackError(400, "invalid_json", "the request body must be a JSON object")
     return value
@@ -161,6 +219,10 @@ def _text(payload: Mapping[str, Any], name: str, *, required: bool, limit: int) 
     text = str(value)
     if len(text) > limit:
         raise CallbackError(400, "invalid_field", f"{name} is longer than {limit} characters")
+    if _UNSTORABLE.search(text):
+        raise CallbackError(
+            400, "invalid_field", f"{name} must be UTF-8 text without control characters"
+        )
     return text
 
 
