@@ -50,6 +50,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(callbacks.bp)
     app.register_blueprint(api.bp)
 
+    from .web import dashboard
+
+    app.register_blueprint(dashboard.bp)
+
     from .cli import register_commands
 
     register_commands(app)

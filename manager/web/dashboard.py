@@ -1,0 +1,320 @@
+"""GET / — the operator dashboard: sign in with a token, see tasks, stop them.
+
+Only the token's name is kept in Flask's signed session cookie, and it is checked
+against the database on every request, so revoking a token signs its sessions out.
+Every POST form carries a per-session CSRF token.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+from collections.abc import Generator, Sequence
+from datetime import date, datetime, time, timedelta
+from itertools import islice
+from typing import Any, cast
+
+from flask import (
+    Blueprint,
+    Response,
+    flash,
+    g,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
+from flask.typing import ResponseReturnValue
+from markupsafe import Markup
+from sqlalchemy import func, or_, select
+from sqlalchemy.orm import Session
+
+from .. import get_dispatcher, get_session, get_settings, reporting
+from ..charts import daily_chart
+from ..db import begin_write
+from ..dispatch import stop_task_now
+from ..errors import ApiError
+from ..lifecycle import utcnow
+from ..models import ApiToken, Delivery, StopRequest, Task
+from ..queries import find_task
+from ..tokens import authenticate
+
+# The stop button waits this long for a rate slot before leaving the stop to the worker.
+FIRST_ATTEMPT_MAX_WAIT = 2.0
+CHART_DAYS = 14
+DELIVERY_ROWS = 50
+TASK_ROWS = 200
+MAX_TASK_ID = 256  # tasks.task_id is a String(256)
+STUCK_SILENT_FOR = 86400
+STUCK_REASONS = {"no_stop_callback": "no stop callback", "no_delivery": "no callback"}
+VERDICT_CLASSES = {"applied": "ok", "duplicate": "muted", "stale": "warn", "rejected": "bad"}
+
+bp = Blueprint(
+    "dashboard",
+    __name__,
+    template_folder="templates",
+    static_folder="static",
+    static_url_path="/dashboard/static",
+)
+
+
+# -- session, CSRF and the signed-in operator ------------------------------------------
+
+
+def csrf_token() -> str:
+    """This session's CSRF token, made on first use."""
+    token = session.get("csrf")
+    if not isinstance(token, str):
+        token = secrets.token_urlsafe(32)
+        session["csrf"] = token
+    return token
+
+
+@bp.app_context_processor
+def _template_helpers() -> dict[str, Any]:
+    return {"csrf_token": csrf_token}
+
+
+@bp.app_template_filter("utc")
+def format_utc(value: datetime | None) -> str:
+    return "—" if value is None else value.strftime("%Y-%m-%d %H:%M:%S")
+
+
+@bp.app_template_filter("ago")
+def format_age(value: datetime | None, now: datetime) -> str:
+    """A short duration from `value` to `now`: 45 s, 12 min, 3 h 5 min, 2 d 4 h."""
+    if value is None:
+        return "—"
+    seconds = max(int((now - value).total_seconds()), 0)
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes = seconds // 60
+    if minutes < 60:
+        return f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours} h {minutes} min" if minutes else f"{hours} h"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h" if hours else f"{days} d"
+
+
+@bp.before_request
+def _guard() -> Response | tuple[str, int] | None:
+    if request.endpoint == "dashboard.static":
+        return None
+    if request.method == "POST":
+        expected = session.get("csrf")
+        given = request.form.get("csrf", "")
+        if not isinstance(expected, str) or not hmac.compare_digest(
+            expected.encode(), given.encode()
+        ):
+            return render_template("csrf_error.html"), 400
+    g.operator = _current_operator()
+    return None
+
+
+def _current_operator() -> str | None:
+    """The signed-in token's name, if that token is still active; else sign out."""
+    name = session.get("operator")
+    if not isinstance(name, str):
+        return None
+    db = get_session()
+    active = db.execute(
+        select(ApiToken.id).where(ApiToken.name == name, ApiToken.revoked_at.is_(None))
+    ).first()
+    db.rollback()  # end the read: a stop must begin its own write transaction
+    if active is None:
+        _sign_out()
+        flash("Your token is no longer active; you have been signed out.", "error")
+        return None
+    return name
+
+
+def _sign_out() -> None:
+    session.clear()
+    session["csrf"] = secrets.token_urlsafe(32)
+
+
+@bp.after_request
+def _headers(response: Response) -> Response:
+    # No scripts at all; no framing (the stop buttons must not be clickjacked).
+    response.headers.setdefault(
+        "Content-Security-Policy",
+        "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
+        "frame-ancestors 'none'; base-uri 'none'",
+    )
+    response.headers.setdefault("X-Frame-Options", "DENY")
+    response.headers.setdefault("Referrer-Policy", "same-origin")
+    response.headers.setdefault("Cache-Control", "no-store")
+    return response
+
+
+# -- views -------------------------------------------------------------------------------
+
+
+@bp.get("/")
+def index() -> str:
+    if g.operator is None:
+        return render_template("login.html")
+    db = get_session()
+    now = utcnow()
+    app_id = get_settings().zego_app_id
+    running, running_total = _tasks(db, app_id, "running")
+    stopping, stopping_total = _tasks(db, app_id, "stopping")
+    days = chart_days(db, now)
+    page = render_template(
+        "dashboard.html",
+        now=now,
+        running=running,
+        running_total=running_total,
+        stopping=stopping,
+        stopping_total=stopping_total,
+        stop_requests=_latest_stops(db, [t.id for t in stopping]),
+        stuck=stuck_tasks(db, now),
+        stuck_silent_hours=STUCK_SILENT_FOR // 3600,
+        stopping_grace=int(reporting.STOPPING_GRACE.total_seconds()),
+        deliveries=_deliveries(db, app_id),
+        verdict_classes=VERDICT_CLASSES,
+        stuck_reasons=STUCK_REASONS,
+        chart=Markup(daily_chart(days)),  # noqa: S704 - charts.py escapes every text
+        chart_days=days,
+    )
+    db.rollback()
+    return page
+
+
+@bp.post("/login")
+def login() -> ResponseReturnValue:
+    token = request.form.get("token", "").strip()
+    name = None
+    if token:
+        db = get_session()
+        begin_write(db)  # authenticate() may note last_used_at
+        name = authenticate(db, token)
+        db.commit()
+    if name is None:
+        flash("That token is not valid, or it has been revoked.", "error")
+        return redirect(url_for(".index"))
+    session.clear()  # a fresh session: nothing from before signing in carries over
+    session["operator"] = name
+    session["csrf"] = secrets.token_urlsafe(32)
+    flash(f"Signed in as {name}.", "ok")
+    return redirect(url_for(".index"))
+
+
+@bp.post("/logout")
+def logout() -> ResponseReturnValue:
+    _sign_out()
+    flash("Signed out.", "ok")
+    return redirect(url_for(".index"))
+
+
+@bp.post("/stop")
+def stop() -> ResponseReturnValue:
+    """Stop one task like POST /api/tasks/<id>/stop, then say what happened."""
+    if g.operator is None:
+        flash("Please sign in first.", "error")
+        return redirect(url_for(".index"))
+    task_id = request.form.get("task_id", "")
+    if not 0 < len(task_id) <= MAX_TASK_ID:
+        # Not a task id this service can hold; and the flash must fit in the cookie.
+        flash("There is no such task.", "error")
+        return redirect(url_for(".index"))
+    try:
+        dispatcher = get_dispatcher()  # before the write transaction: it may touch the database
+        db = get_session()
+        begin_write(db)
+        task = find_task(db, task_id, get_settings().zego_app_id)
+        stop_request, created = stop_task_now(
+            db,
+            dispatcher,
+            task,
+            requested_by=g.operator,
+            reason="stopped from the dashboard",
+            force=False,
+            max_wait=FIRST_ATTEMPT_MAX_WAIT,
+        )
+    except ApiError as exc:
+        get_session().rollback()
+        flash(f"Could not stop {task_id}: {exc.message}.", "error")
+        return redirect(url_for(".index"))
+    message, category = stop_message(task_id, stop_request, created)
+    flash(message, category)
+    return redirect(url_for(".index"))
+
+
+def stop_message(task_id: str, stop: StopRequest, created: bool) -> tuple[str, str]:
+    """What the operator is told after pressing Stop, and the flash category."""
+    zego = f"ZEGOCLOUD code {stop.last_code}" + (
+        f": {stop.last_message}" if stop.last_message else ""
+    )
+    if stop.state == "succeeded":
+        if not created:
+            return f"{task_id} was already stopping (Sequence {stop.sequence}).", "ok"
+        return (
+            f"Stop sent for {task_id}: ZEGOCLOUD accepted it (Sequence {stop.sequence}); "
+            "the task is stopping.",
+            "ok",
+        )
+    if stop.state == "queued":
+        if not created:
+            return f"A stop for {task_id} is already queued; the worker will send it.", "warn"
+        detail = f" ({zego})" if stop.last_code is not None else ""
+        return f"Stop for {task_id} is queued for retry{detail}; the worker will send it.", "warn"
+    return f"ZEGOCLOUD refused the stop for {task_id} ({zego}).", "error"
+
+
+# -- reads --------------------------------------------------------------------------------
+
+
+def _tasks(db: Session, app_id: int | None, status: str) -> tuple[list[Task], int]:
+    query = select(Task).where(Task.status == status)
+    count = select(func.count()).select_from(Task).where(Task.status == status)
+    if app_id is not None:
+        query = query.where(Task.app_id == app_id)
+        count = count.where(Task.app_id == app_id)
+    rows = list(db.execute(query.order_by(Task.id.desc()).limit(TASK_ROWS)).scalars())
+    return rows, db.execute(count).scalar_one()
+
+
+def _latest_stops(db: Session, task_pks: Sequence[int]) -> dict[int, StopRequest]:
+    if not task_pks:
+        return {}
+    latest: dict[int, StopRequest] = {}
+    rows = db.execute(
+        select(StopRequest).where(StopRequest.task_pk.in_(task_pks)).order_by(StopRequest.id)
+    ).scalars()
+    for stop in rows:
+        latest[stop.task_pk] = stop
+    return latest
+
+
+def stuck_tasks(db: Session, now: datetime) -> list[reporting.StuckTask]:
+    """The stuck report (stopping with no stop callback, running gone silent), longest first."""
+    rows = cast(
+        Generator[reporting.StuckTask, None, None],
+        reporting.stuck(db, now=now, silent_for=STUCK_SILENT_FOR),
+    )
+    try:
+        return list(islice(rows, TASK_ROWS))
+    finally:
+        rows.close()  # the report streams from a server-side cursor
+
+
+def _deliveries(db: Session, app_id: int | None) -> list[Delivery]:
+    query = select(Delivery)
+    if app_id is not None:
+        # Rejected deliveries may carry no (or a wrong) AppId; show them too.
+        query = query.where(or_(Delivery.app_id == app_id, Delivery.verdict == "rejected"))
+    return list(db.execute(query.order_by(Delivery.id.desc()).limit(DELIVERY_ROWS)).scalars())
+
+
+def chart_days(db: Session, now: datetime, days: int = CHART_DAYS) -> list[tuple[date, int, float]]:
+    """(UTC day, runs started, transcoding hours) for the last `days` days, today last."""
+    since = datetime.combine((now - timedelta(days=days - 1)).date(), time())
+    rows = reporting.daily(db, reporting.Window(since, now), now=now)
+    return [
+        (date.fromisoformat(row.day), row.started, round(row.transcoding_seconds / 3600, 2))
+        for row in rows
+    ]
