@@ -50,6 +50,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(callbacks.bp)
     app.register_blueprint(api.bp)
 
+    from .web import reports
+
+    app.register_blueprint(reports.bp)
+
     from .web import dashboard
 
     app.register_blueprint(dashboard.bp)

@@ -298,7 +298,9 @@ def register_commands(app: Flask) -> None:
     app.cli.add_command(fake_zego_command)
     app.cli.add_command(demo_command)
 
+    from .report_cli import report_command
 
+    app.cli.add_command(report_command)
 
 
 def _create_app() -> Flask:

@@ -49,6 +49,7 @@ class Task(Base):
         CheckConstraint(_in("status", TASK_STATUSES), name="status"),
         Index("ix_tasks_status_updated_at", "status", "updated_at"),
         Index("ix_tasks_owner", "owner"),
+        Index("ix_tasks_status_last_delivery_at", "status", "last_delivery_at"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -91,7 +92,7 @@ class Delivery(Base):
         # the key; a resend cannot insert it again and is recorded as a duplicate.
         UniqueConstraint("event_key"),
         Index("ix_deliveries_task_pk_id", "task_pk", "id"),
-        Index("ix_deliveries_received_at", "received_at"),
+        Index("ix_deliveries_received_at_verdict", "received_at", "verdict"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
@@ -178,6 +179,7 @@ class StopRequest(Base):
         Index("ix_stop_requests_state_next_attempt_at", "state", "next_attempt_at"),
         Index("ix_stop_requests_task_pk", "task_pk"),
         Index("ix_stop_requests_batch_id", "batch_id"),
+        Index("ix_stop_requests_created_at_state", "created_at", "state"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -247,7 +249,9 @@ class TaskRun(Base):
     __table_args__ = (
         UniqueConstraint("task_pk", "run_no"),
         Index("ix_task_runs_started_at", "started_at"),
-        Index("ix_task_runs_ended_at", "ended_at"),
+        Index(
+            "ix_task_runs_ended_at_stop_reason_started_at", "ended_at", "stop_reason", "started_at"
+        ),
         Index("ix_task_runs_owner", "owner"),
     )
 

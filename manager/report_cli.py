@@ -1,0 +1,108 @@
+"""`manager report NAME`: the reports of SPEC 3.4 as a table, CSV or JSON."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from typing import Any
+
+import click
+from flask import current_app
+from flask.cli import with_appcontext
+
+from .errors import ApiError
+from .queries import iso
+from .reporting import (
+    COLUMNS,
+    LIST_KEYS,
+    REPORTS,
+    daily,
+    flatten,
+    owners,
+    row_values,
+    stuck,
+    summary,
+)
+
+
+@click.command("report")
+@click.argument("name", type=click.Choice(REPORTS))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "csv", "json"]),
+    default="table",
+    show_default=True,
+)
+@click.option("--since", help="ISO 8601 or Unix seconds, UTC (inclusive)")
+@click.option("--until", help="ISO 8601 or Unix seconds, UTC (exclusive)")
+@click.option("--owner", help="only this owner's tasks")
+@click.option(
+    "--silent-for", default=None, help="stuck: seconds without a delivery  [default: 86400]"
+)
+@with_appcontext
+def report_command(
+    name: str,
+    fmt: str,
+    since: str | None,
+    until: str | None,
+    owner: str | None,
+    silent_for: str | None,
+) -> None:
+    """Print a report: summary, owners, daily or stuck."""
+    from .web.reports import check_days, parse_silent_for, parse_window
+
+    try:
+        window = parse_window(since, until)
+        silent = parse_silent_for(silent_for)
+        if name == "daily":
+            check_days(window)
+    except ApiError as exc:
+        raise click.ClickException(exc.message) from None
+
+    with current_app.extensions["manager.sessions"]() as session:
+        if name == "summary":
+            body = summary(session, window, owner)
+            if fmt == "json":
+                click.echo(json.dumps(body, indent=2))
+                return
+            flat = flatten(body)
+            if fmt == "csv":
+                _echo_csv(list(flat), [list(flat.values())])
+            else:
+                from .cli import echo_table
+
+                echo_table(["field", "value"], [(k, _cell(v)) for k, v in flat.items()])
+            return
+        if name == "owners":
+            rows: Any = owners(session, window, owner)
+        elif name == "daily":
+            rows = daily(session, window, owner)
+        else:
+            rows = stuck(session, silent_for=silent, owner=owner)
+        columns = COLUMNS[name]
+        values = ([_plain(v) for v in row_values(row)] for row in rows)
+        if fmt == "csv":
+            _echo_csv(columns, values)
+        elif fmt == "json":
+            items = [dict(zip(columns, row, strict=True)) for row in values]
+            click.echo(json.dumps({LIST_KEYS[name]: items}, indent=2))
+        else:
+            from .cli import echo_table
+
+            echo_table(columns, ([_cell(v) for v in row] for row in values))
+
+
+def _echo_csv(columns: Any, rows: Any) -> None:
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows(rows)
+
+
+def _plain(value: Any) -> Any:
+    return iso(value) if hasattr(value, "isoformat") and not isinstance(value, str) else value
+
+
+def _cell(value: Any) -> str:
+    return "" if value is None else str(value)

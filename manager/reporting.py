@@ -1,0 +1,613 @@
+"""The reports of SPEC 3.4, computed by SQL aggregation on SQLite and PostgreSQL alike.
+
+Every function takes a Session, never commits and never imports Flask. Times are naive
+UTC. A window is [since, until), each end optional. Durations are computed exactly, in
+microseconds (PostgreSQL sums intervals, SQLite integer microseconds), and rounded in
+Python, so both databases give the same numbers.
+
+A run's time counts from its start to its end, or to `now` while it is still going; a
+run whose start never arrived counts no time. The list reports (`owners`, `stuck`)
+yield their rows from a server-side cursor: iterate them while the session is open.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any, TypeAlias
+
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Date,
+    DateTime,
+    Integer,
+    Interval,
+    Select,
+    String,
+    and_,
+    case,
+    cast,
+    extract,
+    func,
+    literal,
+    null,
+    or_,
+    select,
+    text,
+    type_coerce,
+    union_all,
+)
+from sqlalchemy.orm import Session
+
+from .models import STOP_STATES, TASK_STATUSES, VERDICTS, Delivery, StopRequest, Task, TaskRun
+
+REPORTS = ("summary", "owners", "daily", "stuck")
+STOPPING_GRACE = timedelta(seconds=120)
+DEFAULT_SILENT_FOR = 86400
+DEFAULT_DAYS = 30
+MAX_DAYS = 3660
+STREAM_BATCH = 2000
+_US = 1_000_000
+_DAY_US = 86400 * _US
+
+FAILED = 1  # task_runs.stop_reason of a run ZEGOCLOUD ended on its own
+STOPPED = 0
+
+
+@dataclass(frozen=True)
+class Window:
+    """[since, until); None leaves that end open."""
+
+    since: datetime | None = None
+    until: datetime | None = None
+
+    def contains(self, column: Any) -> ColumnElement[bool]:
+        conditions = [column.is_not(None)]
+        if self.since is not None:
+            conditions.append(column >= _ts(self.since))
+        if self.until is not None:
+            conditions.append(column < _ts(self.until))
+        return and_(*conditions)
+
+
+@dataclass(frozen=True)
+class OwnerRow:
+    owner: str | None
+    tasks: int
+    running: int
+    failed: int
+    transcoding_seconds: int
+
+
+@dataclass(frozen=True)
+class DayRow:
+    day: str
+    started: int
+    stopped: int
+    failed: int
+    transcoding_seconds: int
+
+
+@dataclass(frozen=True)
+class StuckTask:
+    task_id: str
+    owner: str | None
+    status: str
+    since: datetime
+    reason: str
+
+
+COLUMNS: dict[str, tuple[str, ...]] = {
+    "owners": tuple(f.name for f in fields(OwnerRow)),
+    "daily": tuple(f.name for f in fields(DayRow)),
+    "stuck": tuple(f.name for f in fields(StuckTask)),
+}
+# Any select, whatever its columns.
+_Query: TypeAlias = Select[*tuple[Any, ...]]
+
+LIST_KEYS = {"owners": "owners", "daily": "days", "stuck": "tasks"}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+# --- summary ------------------------------------------------------------------------------
+
+
+def summary(
+    session: Session, window: Window | None = None, owner: str | None = None
+) -> dict[str, Any]:
+    """Task states, runs started/ended, failure rate, run durations, stops and deliveries."""
+    window = window or Window()
+    sql = _Dialect(session)
+
+    tasks_query = select(Task.status, func.count()).group_by(Task.status)
+    if window.since is not None:
+        tasks_query = tasks_query.where(
+            or_(
+                Task.last_delivery_at >= _ts(window.since),
+                and_(Task.last_delivery_at.is_(None), Task.updated_at >= _ts(window.since)),
+            )
+        )
+    if window.until is not None:
+        tasks_query = tasks_query.where(Task.first_seen_at < _ts(window.until))
+    if owner is not None:
+        tasks_query = tasks_query.where(Task.owner == owner)
+    by_status = _counts(session, tasks_query)
+    tasks = {status: by_status.get(status, 0) for status in TASK_STATUSES}
+    tasks["total"] = sum(by_status.values())
+
+    started_query = select(func.count()).where(window.contains(TaskRun.started_at))
+    if owner is not None:
+        started_query = started_query.where(TaskRun.owner == owner)
+    started = session.execute(started_query).scalar_one()
+
+    ended, failed, durations = _ended_runs(session, sql, window, owner)
+
+    stops_query = select(StopRequest.state, func.count()).group_by(StopRequest.state)
+    stops_query = stops_query.where(window.contains(StopRequest.created_at))
+    if owner is not None:
+        stops_query = stops_query.where(StopRequest.user_id == owner)
+    stops = _counts(session, stops_query)
+
+    deliveries_query = select(Delivery.verdict, func.count()).group_by(Delivery.verdict)
+    deliveries_query = deliveries_query.where(window.contains(Delivery.received_at))
+    if owner is not None:
+        deliveries_query = deliveries_query.join(Task, Task.id == Delivery.task_pk).where(
+            Task.owner == owner
+        )
+    verdicts = _counts(session, deliveries_query)
+
+    return {
+        "tasks": tasks,
+        "started": started,
+        "ended": ended,
+        "failure_rate": round(failed / ended, 4) if ended else 0,
+        "duration_seconds": durations,
+        "stop_requests": {state: stops.get(state, 0) for state in STOP_STATES},
+        "deliveries": {verdict: verdicts.get(verdict, 0) for verdict in VERDICTS},
+    }
+
+
+def _ended_runs(
+    session: Session, sql: _Dialect, window: Window, owner: str | None
+) -> tuple[int, int, dict[str, float | None]]:
+    """Runs ended in the window: how many, how many failed, and their durations.
+
+    Percentiles are nearest-rank: the value at rank ceil(p/100 * n) of the n durations
+    in ascending order, picked out with ROW_NUMBER() so both databases agree exactly.
+    The count comes first, from its own aggregate: COUNT(*) OVER () would hold every
+    row in memory (or on disk) until the last one is read.
+    """
+    duration = case(
+        (TaskRun.started_at.is_not(None), sql.span(TaskRun.started_at, TaskRun.ended_at)),
+        else_=null(),
+    )
+    inner = select(
+        TaskRun.stop_reason.label("stop_reason"),
+        duration.label("d"),
+    ).where(window.contains(TaskRun.ended_at))
+    if owner is not None:
+        inner = inner.where(TaskRun.owner == owner)
+    ended = inner.subquery("ended")
+    count, failed, timed, total_us = session.execute(
+        select(
+            func.count(),
+            func.coalesce(func.sum(case((ended.c.stop_reason == FAILED, 1), else_=0)), 0),
+            func.count(ended.c.d),
+            sql.total_us(func.sum(ended.c.d)),
+        )
+    ).one()
+    ranks = {percent: (percent * timed + 99) // 100 for percent in (50, 95)}
+    at_rank: dict[int, int] = {}
+    if timed:
+        ranked = (
+            select(ended.c.d, func.row_number().over(order_by=ended.c.d).label("rn"))
+            .where(ended.c.d.is_not(None))
+            .subquery("ranked")
+        )
+        picked = select(ranked.c.rn, sql.total_us(ranked.c.d)).where(
+            ranked.c.rn.in_(sorted(set(ranks.values())))
+        )
+        at_rank = {int(rn): int(us) for rn, us in session.execute(picked)}
+    durations: dict[str, float | None] = {"mean": None, "p50": None, "p95": None}
+    if timed:
+        durations = {
+            "mean": round(int(total_us) / timed / _US, 3),
+            "p50": round(at_rank[ranks[50]] / _US, 3),
+            "p95": round(at_rank[ranks[95]] / _US, 3),
+        }
+    return int(count), int(failed), durations
+
+
+# --- owners -------------------------------------------------------------------------------
+
+
+def owners(
+    session: Session,
+    window: Window | None = None,
+    owner: str | None = None,
+    now: datetime | None = None,
+) -> Iterator[OwnerRow]:
+    """Per owner: tasks with a run in the window, of those running, failed runs, seconds.
+
+    Most transcoding first, ties by owner (no owner last).
+    """
+    window = window or Window()
+    now = now or utcnow()
+    sql = _Dialect(session)
+    overlap = _overlap(sql, window, now)
+    failed = case(
+        (and_(TaskRun.stop_reason == FAILED, window.contains(TaskRun.ended_at)), 1), else_=0
+    )
+    # Two levels: one row per (owner, task) first, so "tasks" needs no COUNT(DISTINCT).
+    per_task = (
+        _runs_in(select(TaskRun.owner, TaskRun.task_pk), window, now, owner)
+        .add_columns(
+            func.sum(overlap).label("busy"),
+            func.sum(failed).label("failed"),
+        )
+        .group_by(TaskRun.owner, TaskRun.task_pk)
+        .subquery("per_task")
+    )
+    per_owner = (
+        select(
+            per_task.c.owner,
+            func.count().label("tasks"),
+            func.sum(per_task.c.failed).label("failed"),
+            func.coalesce(func.sum(per_task.c.busy), sql.zero).label("busy"),
+        )
+        .group_by(per_task.c.owner)
+        .subquery("per_owner")
+    )
+    # Running tasks are few: find them from the tasks side, through the status index.
+    running = (
+        _runs_in(select(TaskRun.owner), window, now, owner)
+        .join(Task, Task.id == TaskRun.task_pk)
+        .where(Task.status == "running")
+        .add_columns(func.count(TaskRun.task_pk.distinct()).label("running"))
+        .group_by(TaskRun.owner)
+        .subquery("running")
+    )
+    query = (
+        select(
+            per_owner.c.owner,
+            per_owner.c.tasks,
+            func.coalesce(running.c.running, 0),
+            per_owner.c.failed,
+            sql.total_us(per_owner.c.busy),
+        )
+        .select_from(per_owner)
+        .outerjoin(running, running.c.owner.is_not_distinct_from(per_owner.c.owner))
+        .order_by(per_owner.c.busy.desc(), per_owner.c.owner.asc().nulls_last())
+    )
+    for name, tasks, running_n, failed_n, busy_us in _stream(session, query):
+        yield OwnerRow(name, int(tasks), int(running_n), int(failed_n), _seconds(busy_us))
+
+
+def _runs_in(query: _Query, window: Window, now: datetime, owner: str | None) -> _Query:
+    """Runs that overlap the window; a run ended in the window counts even without a start."""
+    conditions: list[ColumnElement[bool]] = []
+    if window.until is not None:
+        begin = func.coalesce(TaskRun.started_at, TaskRun.ended_at)
+        conditions.append(begin < _ts(window.until))
+    if window.since is not None:
+        ongoing: ColumnElement[bool] = TaskRun.ended_at.is_(None)
+        if now < window.since:
+            ongoing = literal(False)
+        conditions.append(or_(TaskRun.ended_at >= _ts(window.since), ongoing))
+    if owner is not None:
+        conditions.append(TaskRun.owner == owner)
+    return query.where(*conditions) if conditions else query
+
+
+def _overlap(
+    sql: _Dialect,
+    window: Window,
+    now: datetime,
+    day_start: Any = None,
+    day_end: Any = None,
+) -> Any:
+    """The part of a run inside the window (and day): an interval, or 0/NULL when none."""
+    lo_terms: list[Any] = [TaskRun.started_at]
+    hi_terms: list[Any] = [func.coalesce(TaskRun.ended_at, _ts(now))]
+    if window.since is not None:
+        lo_terms.append(_ts(window.since))
+    if window.until is not None:
+        hi_terms.append(_ts(window.until))
+    if day_start is not None:
+        lo_terms.append(day_start)
+        hi_terms.append(day_end)
+    lo = sql.greatest(*lo_terms)
+    hi = sql.least(*hi_terms)
+    return case(
+        (and_(TaskRun.started_at.is_not(None), hi > lo), sql.span(lo, hi)),
+        else_=null(),
+    )
+
+
+# --- daily --------------------------------------------------------------------------------
+
+
+def daily_window(window: Window, now: datetime | None = None) -> Window:
+    """The window `daily` reports on: until defaults to now, since to 30 UTC days before."""
+    until = window.until or now or utcnow()
+    since = window.since
+    if since is None:
+        since = datetime.combine(until.date(), time()) - timedelta(days=DEFAULT_DAYS - 1)
+        if since >= until:
+            since = datetime.combine(until.date(), time()) - timedelta(days=1)
+    return Window(since, until)
+
+
+def day_count(since: datetime, until: datetime) -> int:
+    """How many UTC days [since, until) touches."""
+    if until <= since:
+        return 0
+    last = until - timedelta(microseconds=1)
+    return (last.date() - since.date()).days + 1
+
+
+def daily(
+    session: Session,
+    window: Window | None = None,
+    owner: str | None = None,
+    now: datetime | None = None,
+) -> list[DayRow]:
+    """Per UTC day of the window: runs started, stopped, failed, and transcoding seconds."""
+    now = now or utcnow()
+    window = daily_window(window or Window(), now)
+    assert window.since is not None  # noqa: S101
+    assert window.until is not None  # noqa: S101
+    n_days = day_count(window.since, window.until)
+    if n_days == 0:
+        return []
+    first = window.since.date()
+    sql = _Dialect(session)
+
+    k = literal(0, Integer).label("k")
+    seed = select(k).cte("days", recursive=True)
+    days = seed.union_all(select((seed.c.k + 1).label("k")).where(seed.c.k + 1 < n_days))
+    day_start, day_end = sql.day_bounds(days.c.k, first)
+
+    def owned(query: _Query) -> _Query:
+        return query if owner is None else query.where(TaskRun.owner == owner)
+
+    zero_span = sql.zero
+    started = owned(
+        select(
+            sql.day_index(TaskRun.started_at, first).label("k"),
+            literal(1, Integer).label("started"),
+            literal(0, Integer).label("stopped"),
+            literal(0, Integer).label("failed"),
+            sql.no_span.label("busy"),
+        ).where(window.contains(TaskRun.started_at))
+    )
+    ended = owned(
+        select(
+            sql.day_index(TaskRun.ended_at, first).label("k"),
+            literal(0, Integer).label("started"),
+            case((TaskRun.stop_reason == STOPPED, 1), else_=0).label("stopped"),
+            case((TaskRun.stop_reason == FAILED, 1), else_=0).label("failed"),
+            sql.no_span.label("busy"),
+        ).where(window.contains(TaskRun.ended_at))
+    )
+    # A run inside one day adds to that day; only the few that span midnight (long or
+    # still going) are joined with the days, so the join stays small.
+    lo = sql.greatest(TaskRun.started_at, _ts(window.since))
+    hi = sql.least(func.coalesce(TaskRun.ended_at, _ts(now)), _ts(window.until))
+    one_day = _runs_in(
+        select(
+            sql.day_index(lo, first),
+            literal(0, Integer),
+            literal(0, Integer),
+            literal(0, Integer),
+            sql.span(lo, hi),
+        ),
+        window,
+        now,
+        owner,
+    ).where(TaskRun.started_at.is_not(None), hi > lo, sql.same_day(lo, hi))
+    spanning = _runs_in(
+        select(
+            days.c.k,
+            literal(0, Integer),
+            literal(0, Integer),
+            literal(0, Integer),
+            _overlap(sql, window, now, day_start, day_end),
+        ),
+        window,
+        now,
+        owner,
+    ).where(
+        TaskRun.started_at.is_not(None),
+        hi > lo,
+        ~sql.same_day(lo, hi),
+        TaskRun.started_at < day_end,
+        or_(TaskRun.ended_at.is_(None), TaskRun.ended_at > day_start),
+    )
+    events = union_all(started, ended, one_day, spanning).subquery("events")
+    query = (
+        select(
+            days.c.k,
+            func.coalesce(func.sum(events.c.started), 0),
+            func.coalesce(func.sum(events.c.stopped), 0),
+            func.coalesce(func.sum(events.c.failed), 0),
+            sql.total_us(func.coalesce(func.sum(events.c.busy), zero_span)),
+        )
+        .select_from(days)
+        .outerjoin(events, events.c.k == days.c.k)
+        .group_by(days.c.k)
+        .order_by(days.c.k)
+    )
+    return [
+        DayRow(
+            (first + timedelta(days=int(day))).isoformat(),
+            int(n_started),
+            int(n_stopped),
+            int(n_failed),
+            _seconds(busy_us),
+        )
+        for day, n_started, n_stopped, n_failed, busy_us in session.execute(query)
+    ]
+
+
+# --- stuck --------------------------------------------------------------------------------
+
+
+def stuck(
+    session: Session,
+    now: datetime | None = None,
+    silent_for: int = DEFAULT_SILENT_FOR,
+    owner: str | None = None,
+) -> Iterator[StuckTask]:
+    """Tasks stopping for over 120 s without a stop callback, and running ones gone silent.
+
+    Longest stuck first. `since` is when the task became stopping (its updated_at), or its
+    last delivery.
+    """
+    now = now or utcnow()
+    stopping_since = Task.updated_at
+    running_since = func.coalesce(Task.last_delivery_at, Task.updated_at)
+    silent_cutoff = _ts(now - timedelta(seconds=silent_for))
+    is_stopping = and_(Task.status == "stopping", Task.updated_at < _ts(now - STOPPING_GRACE))
+    is_silent = and_(
+        Task.status == "running",
+        or_(
+            Task.last_delivery_at < silent_cutoff,
+            and_(Task.last_delivery_at.is_(None), Task.updated_at < silent_cutoff),
+        ),
+    )
+    since = case((Task.status == "stopping", stopping_since), else_=running_since)
+    query = select(Task.task_id, Task.owner, Task.status, since.label("since")).where(
+        or_(is_stopping, is_silent)
+    )
+    if owner is not None:
+        query = query.where(Task.owner == owner)
+    query = query.order_by(since.asc(), Task.task_id.asc())
+    for task_id, task_owner, status, since_at in _stream(session, query):
+        reason = "no_stop_callback" if status == "stopping" else "no_delivery"
+        yield StuckTask(task_id, task_owner, status, _naive(since_at), reason)
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def row_values(row: Any) -> tuple[Any, ...]:
+    """A report row's fields in column order."""
+    return tuple(getattr(row, f.name) for f in fields(row))
+
+
+def flatten(report: dict[str, Any]) -> dict[str, Any]:
+    """{"tasks": {"running": 1}} → {"tasks.running": 1}: the summary's CSV row."""
+    flat: dict[str, Any] = {}
+    for key, value in report.items():
+        if isinstance(value, dict):
+            for sub, inner in value.items():
+                flat[f"{key}.{sub}"] = inner
+        else:
+            flat[key] = value
+    return flat
+
+
+def _stream(session: Session, query: _Query) -> Iterator[Any]:
+    """Rows from a server-side cursor, fetched in batches, so memory stays flat."""
+    result = session.execute(query.execution_options(yield_per=STREAM_BATCH))
+    try:
+        yield from result
+    finally:
+        result.close()
+
+
+def _counts(session: Session, query: _Query) -> dict[str, int]:
+    return {key: int(n) for key, n in session.execute(query).all()}
+
+
+def _ts(value: datetime) -> Any:
+    return literal(value, DateTime)
+
+
+def _naive(value: Any) -> datetime:
+    # SQLite hands back the stored string when a CASE hides the column type.
+    return value if isinstance(value, datetime) else datetime.fromisoformat(value)
+
+
+def _seconds(total_us: Any) -> int:
+    """Microseconds → whole seconds, rounded half up."""
+    return (int(total_us or 0) + _US // 2) // _US
+
+
+class _Dialect:
+    """The few expressions PostgreSQL and SQLite spell differently.
+
+    Spans of time are intervals on PostgreSQL and integer microseconds on SQLite;
+    `total_us` turns either into integer microseconds, once per aggregate.
+    """
+
+    def __init__(self, session: Session) -> None:
+        self.pg = session.get_bind().dialect.name == "postgresql"
+        if self.pg:
+            # For this transaction only: sorts and hashes of a million rows fit in
+            # memory, and JIT compilation costs more than it saves on these queries.
+            session.execute(text("SET LOCAL work_mem = '64MB'"))
+            session.execute(text("SET LOCAL jit = off"))
+        self.zero: Any = literal(timedelta(0)) if self.pg else literal(0, BigInteger)
+        self.no_span: Any = cast(null(), Interval if self.pg else BigInteger)
+
+    def greatest(self, *terms: Any) -> Any:
+        if len(terms) == 1:
+            return terms[0]
+        return func.greatest(*terms) if self.pg else func.max(*terms)
+
+    def least(self, *terms: Any) -> Any:
+        if len(terms) == 1:
+            return terms[0]
+        return func.least(*terms) if self.pg else func.min(*terms)
+
+    def span(self, lo: Any, hi: Any) -> Any:
+        if self.pg:
+            return hi - lo
+        return self._us(hi) - self._us(lo)
+
+    def total_us(self, span: Any) -> Any:
+        if self.pg:
+            return cast(func.round(extract("epoch", span) * _US), BigInteger)
+        return span
+
+    def day_index(self, column: Any, first: date) -> Any:
+        """Whole UTC days from `first` to the column's day."""
+        if self.pg:
+            return cast(column, Date) - literal(first, Date)
+        start = literal(first.isoformat() + " 00:00:00.000000", String)
+        return (self._us(column) - self._us(start)) // _DAY_US
+
+    def same_day(self, a: Any, b: Any) -> Any:
+        if self.pg:
+            return cast(a, Date) == cast(b, Date)
+        return func.date(type_coerce(a, String)) == func.date(type_coerce(b, String))
+
+    def day_bounds(self, k: Any, first: date) -> tuple[Any, Any]:
+        """Start and end of day `first + k`, comparable with the stored timestamps."""
+        if self.pg:
+            start = literal(datetime.combine(first, time()), DateTime) + k * literal(
+                timedelta(days=1)
+            )
+            return start, start + literal(timedelta(days=1))
+        # SQLAlchemy stores SQLite datetimes as 'YYYY-MM-DD HH:MM:SS.ffffff' text.
+        base = literal(first.isoformat(), String)
+
+        def at(offset: Any) -> Any:
+            day = func.date(base, literal("+", String).concat(cast(offset, String)).concat(" days"))
+            return type_coerce(day.concat(" 00:00:00.000000"), DateTime)
+
+        return at(k), at(k + 1)
+
+    @staticmethod
+    def _us(value: Any) -> Any:
+        text_value = type_coerce(value, String)
+        seconds = cast(func.strftime("%s", text_value), BigInteger)
+        micros = cast(func.substr(text_value.concat(".000000"), 21, 6), BigInteger)
+        return seconds * _US + micros

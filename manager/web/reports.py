@@ -1,0 +1,171 @@
+"""Reports: GET /api/reports/<name> as JSON, or CSV streamed row by row (bearer token)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+from flask import Blueprint, Response, current_app, request
+from sqlalchemy.orm import Session
+
+from .. import get_session
+from ..errors import ApiError
+from ..queries import iso, parse_time
+from ..reporting import (
+    COLUMNS,
+    DEFAULT_SILENT_FOR,
+    LIST_KEYS,
+    MAX_DAYS,
+    REPORTS,
+    Window,
+    daily,
+    daily_window,
+    day_count,
+    flatten,
+    owners,
+    row_values,
+    stuck,
+    summary,
+)
+from .auth import require_token
+
+bp = Blueprint("reports", __name__, url_prefix="/api/reports")
+
+
+@bp.get("/<name>")
+@require_token
+def report(name: str) -> Response:
+    if name not in REPORTS:
+        raise ApiError(404, "unknown_report", f"no report {name!r}; try {', '.join(REPORTS)}")
+    args = request.args
+    fmt = _format()
+    window = parse_window(args.get("since"), args.get("until"))
+    owner = args.get("owner") or None
+    if name == "summary":
+        body = summary(get_session(), window, owner)
+        if fmt == "json":
+            return _json_response(body)
+        flat = flatten(body)
+        return _csv_response(name, list(flat), [list(flat.values())])
+    if name == "daily":
+        check_days(window)
+        days = daily(get_session(), window, owner)
+        return _list_response(name, fmt, (_plain(row_values(day)) for day in days))
+
+    silent_for = parse_silent_for(args.get("silent_for"))
+    # Flask tears down the app context, and the request's session with it, before a
+    # streamed body is read: a streamed report reads from a session of its own, which
+    # the response closes when it is done (or the client goes away).
+    session = current_app.extensions["manager.sessions"]()
+    try:
+        if name == "owners":
+            rows: Iterable[Any] = owners(session, window, owner)
+        else:
+            rows = stuck(session, silent_for=silent_for, owner=owner)
+        # Run the query now, so that a database error is still a proper error response.
+        values = _primed(_plain(row_values(row)) for row in rows)
+        response = _list_response(name, fmt, _closing(values, session))
+    except BaseException:
+        session.close()
+        raise
+    response.call_on_close(session.close)
+    return response
+
+
+def _list_response(name: str, fmt: str, values: Iterator[list[Any]]) -> Response:
+    if fmt == "csv":
+        return _csv_response(name, COLUMNS[name], values)
+    return _json_list_response(LIST_KEYS[name], COLUMNS[name], values)
+
+
+def parse_window(since_raw: str | None, until_raw: str | None) -> Window:
+    """since/until as a Window; a bad value is a 400 naming the parameter."""
+    since = parse_time("since", since_raw)
+    until = parse_time("until", until_raw)
+    if since is not None and until is not None and until <= since:
+        raise ApiError(400, "invalid_parameter", "until must be later than since")
+    return Window(since, until)
+
+
+def check_days(window: Window) -> None:
+    """Refuse a daily report of more days than MAX_DAYS."""
+    full = daily_window(window)
+    assert full.since is not None  # noqa: S101
+    assert full.until is not None  # noqa: S101
+    if day_count(full.since, full.until) > MAX_DAYS:
+        raise ApiError(400, "invalid_parameter", f"since/until span more than {MAX_DAYS} days")
+
+
+def parse_silent_for(raw: str | None) -> int:
+    if raw is None or raw == "":
+        return DEFAULT_SILENT_FOR
+    if not raw.isdigit() or len(raw) > 10:
+        raise ApiError(400, "invalid_parameter", "silent_for must be a number of seconds")
+    return int(raw)
+
+
+def _format() -> str:
+    raw = request.args.get("format")
+    if raw is None or raw == "":
+        best = request.accept_mimetypes.best_match(["application/json", "text/csv"])
+        return "csv" if best == "text/csv" else "json"
+    if raw not in ("json", "csv"):
+        raise ApiError(400, "invalid_parameter", "format must be json or csv")
+    return raw
+
+
+def _primed(rows: Iterator[list[Any]]) -> Iterator[list[Any]]:
+    """Fetch the first row at once: the query runs before the response starts."""
+    first = next(rows, None)
+    return rows if first is None else itertools.chain([first], rows)
+
+
+def _closing(rows: Iterator[list[Any]], session: Session) -> Iterator[list[Any]]:
+    """The rows, then the session closed as soon as the last one is read."""
+    try:
+        yield from rows
+    finally:
+        session.close()
+
+
+def _plain(values: Sequence[Any]) -> list[Any]:
+    return [iso(v) if hasattr(v, "isoformat") and not isinstance(v, str) else v for v in values]
+
+
+def _json_response(body: dict[str, Any]) -> Response:
+    return Response(json.dumps(body) + "\n", mimetype="application/json")
+
+
+def _json_list_response(key: str, columns: Sequence[str], rows: Iterator[list[Any]]) -> Response:
+    """{"<key>": [...]} written item by item, so a long list never sits in memory."""
+
+    def generate() -> Iterator[str]:
+        yield f'{{"{key}": ['
+        for n, row in enumerate(rows):
+            item = json.dumps(dict(zip(columns, row, strict=True)))
+            yield item if n == 0 else ", " + item
+        yield "]}\n"
+
+    return Response(generate(), mimetype="application/json")
+
+
+def _csv_response(name: str, columns: Sequence[str], rows: Iterable[list[Any]]) -> Response:
+    def generate() -> Iterator[str]:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(columns)
+        for n, row in enumerate(rows, start=1):
+            writer.writerow(row)
+            if n % 500 == 0:
+                yield buffer.getvalue()
+                buffer.seek(0)
+                buffer.truncate()
+        yield buffer.getvalue()
+
+    response = Response(generate(), mimetype="text/csv")
+    response.headers["Content-Disposition"] = f'attachment; filename="{name}.csv"'
+    return response
