@@ -32,7 +32,9 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30}, **kwargs)
         _configure_sqlite(engine)
         return engine
-    kwargs.setdefault("pool_pre_ping", True)
+    # No pool_pre_ping: it costs a round trip per checkout. A connection that has gone
+    # fails its first statement; SQLAlchemy then invalidates the pool, the request
+    # answers 503, and the sender (ZEGO retries callbacks) tries again on a new one.
     kwargs.setdefault("pool_size", 5)
     kwargs.setdefault("max_overflow", 10)
     return create_engine(url, **kwargs)

@@ -1,23 +1,33 @@
 """The task state rules of SPEC 3.2: apply one verified callback to its task.
 
 Concurrency: the nonce ledger and the duplicate key are unique constraints
-claimed with INSERT … ON CONFLICT DO NOTHING, and the task row is locked
-(SELECT … FOR UPDATE on PostgreSQL; SQLite transactions start with BEGIN
-IMMEDIATE) before the ordering rules read it. Locks are always taken in the
-order nonce, task, event key, so concurrent deliveries cannot deadlock, and
+claimed with INSERT … ON CONFLICT DO NOTHING, and the task row is locked (by
+INSERT … ON CONFLICT DO UPDATE on PostgreSQL; SQLite transactions start with
+BEGIN IMMEDIATE) before the ordering rules read it. Locks are always taken in
+the order nonce, task, event key, so concurrent deliveries cannot deadlock, and
 the result is the same as some serial order.
+
+The rules (`apply_to_task`) run in Python on a `TaskState`, a plain copy of the
+locked row, for every backend. Around them this is the hot path of the service,
+so it runs statements built once, at import, on the session's connection: on
+PostgreSQL one statement claims the nonce and upserts and locks the task, and one
+records the delivery and writes the task back only if the delivery's event key
+was free; SQLite, which has no data-modifying CTEs, takes a few more statements.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
+from typing import Any, cast
 
-from sqlalchemy import select, update
+from psycopg.types.json import Json
+from sqlalchemy import JSON, Connection, DateTime, Table, bindparam, insert, select, update
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Session
 
 from .models import CallbackNonce, Delivery, Task
-from .sqlutil import insert_ignore
+from .sqlutil import driver_execute
 from .zego.callbacks import STATUS_STARTED, Callback, CallbackError
 
 # Ranks are doubled so that our own stop request fits between update and stop (2.5).
@@ -37,6 +47,34 @@ class Outcome:
     reason: str | None
     task_pk: int
     delivery_id: int
+
+
+@dataclass(slots=True)
+class TaskState:
+    """The columns of a locked `tasks` row that the rules read or write."""
+
+    id: int
+    status: str
+    stop_reason: int | None
+    state_seq: int
+    state_rank: int
+    max_seq: int
+    owner_seq: int | None
+    owner_rank: int | None
+    owner: str | None
+    details_seq: int | None
+    details_rank: int | None
+    input: Any | None
+    outputs: Any | None
+    runs: int
+    run_floor_seq: int
+    run_start_seq: int | None
+    run_start_rank: int | None
+    end_seq: int | None
+    started_at: datetime | None
+    ended_at: datetime | None
+    updated_at: datetime
+    last_delivery_at: datetime | None
 
 
 def utc_from_timestamp(ts: int) -> datetime:
@@ -64,70 +102,69 @@ def apply_callback(
     remote_addr: str | None,
 ) -> Outcome:
     """Record one verified delivery and move its task if it is the newest. Never commits."""
-    retransmission = _claim_nonce(session, cb, received_at)
-    task = _lock_task(session, cb, received_at)
-
-    delivery = Delivery(
-        received_at=received_at,
-        verdict="applied",
-        task_pk=task.id,
-        remote_addr=remote_addr,
-        body_size=body_size,
-        raw_body=raw_body,
-        **cb.audit_fields(),
-    )
-    key = cb.event_key()
-    claimed = not retransmission and insert_ignore(
-        session, Delivery, {"event_key": key, **_delivery_values(delivery)}, ["event_key"]
-    )
-    if not claimed:
-        delivery.verdict = "duplicate"
-        delivery.reason = "same_nonce" if retransmission else "same_event"
-        session.add(delivery)
-        task.last_delivery_at = received_at
-        session.flush()
-        return Outcome(delivery.verdict, delivery.reason, task.id, delivery.id)
-
-    verdict, reason = apply_to_task(task, cb, received_at)
-    delivery_id = session.execute(select(Delivery.id).where(Delivery.event_key == key)).scalar_one()
-    if verdict != "applied":
-        session.execute(
-            update(Delivery)
-            .where(Delivery.id == delivery_id)
-            .values(verdict=verdict, reason=reason)
-        )
-    session.flush()
-    return Outcome(verdict, reason, task.id, delivery_id)
-
-
-def _delivery_values(delivery: Delivery) -> dict[str, object]:
-    columns = Delivery.__table__.columns.keys()
-    return {
-        c: getattr(delivery, c)
-        for c in columns
-        if c not in ("id", "event_key") and getattr(delivery, c) is not None
-    }
-
-
-def _claim_nonce(session: Session, cb: Callback, received_at: datetime) -> bool:
-    """Claim (Timestamp, Nonce); True when this exact body was seen with it already.
-
-    ZEGO's signature does not cover the body, so a captured signature could be
-    replayed with a forged body; the same pair with different content is refused.
-    """
+    conn = session.connection()
+    postgres = conn.dialect.name == "postgresql"
     digest = cb.body_digest()
-    values = {
+    claim = {
         "zego_timestamp": cb.timestamp,
         "nonce": cb.nonce,
         "body_sha256": digest,
         "seen_at": received_at,
+        "app_id": cb.app_id,
+        "task_id": cb.task_id,
+        "now": received_at,
     }
-    if insert_ignore(session, CallbackNonce, values, ["zego_timestamp", "nonce"]):
-        return False
-    seen = session.execute(
-        select(CallbackNonce.body_sha256).where(
-            CallbackNonce.zego_timestamp == cb.timestamp, CallbackNonce.nonce == cb.nonce
-        )
+    if postgres:
+        *row, claimed = driver_execute(conn, _PG_CLAIM_AND_LOCK, claim)
+        nonce_claimed = bool(claimed)
+    else:
+        nonce_claimed = conn.execute(_CLAIM_NONCE, claim).first() is not None
+        row = list(conn.execute(_UPSERT_TASK, claim).one())
+    if not nonce_claimed:
+        _check_retransmission(conn, cb, digest)
+    task = TaskState(*row)
+
+    delivery = {
+        **cb.audit_fields(),
+        "received_at": received_at,
+        "task_pk": task.id,
+        "remote_addr": remote_addr,
+        "body_size": body_size,
+        "raw_body": raw_body,
+        "event_key": None,
+        "verdict": "duplicate",
+        "reason": "same_nonce",
+    }
+    if nonce_claimed:
+        # The rules first: the verdict goes into the same INSERT that claims the event key.
+        verdict, reason = apply_to_task(task, cb, received_at)
+        delivery.update(event_key=cb.event_key(), verdict=verdict, reason=reason)
+        values = {**delivery, **_task_values(task)}
+        if postgres:
+            values.update(input=_pg_json(task.input), outputs=_pg_json(task.outputs))
+            row = driver_execute(conn, _PG_RECORD_AND_WRITE_BACK, values)
+            delivery_id = None if row is None else row[0]
+        else:
+            delivery_id = conn.execute(_INSERT_DELIVERY_IGNORE, values).scalar()
+            if delivery_id is not None:
+                conn.execute(_WRITE_BACK_TASK, values)
+        if delivery_id is not None:
+            return Outcome(verdict, reason, task.id, delivery_id)
+        # Another delivery holds the event key: this one is a resend, with a new nonce.
+        delivery.update(event_key=None, verdict="duplicate", reason="same_event")
+    conn.execute(_TOUCH_TASK, {"task_pk": task.id, "last_delivery_at": received_at})
+    delivery_id = conn.execute(_INSERT_DELIVERY, delivery).scalar_one()
+    return Outcome("duplicate", delivery["reason"], task.id, delivery_id)
+
+
+def _check_retransmission(conn: Connection, cb: Callback, digest: str) -> None:
+    """The (Timestamp, Nonce) was seen: the same body again is a retransmission, else refused.
+
+    ZEGO's signature does not cover the body, so a captured signature could be
+    replayed with a forged body; the same pair with different content is refused.
+    """
+    seen = conn.execute(
+        _SEEN_DIGEST, {"zego_timestamp": cb.timestamp, "nonce": cb.nonce}
     ).scalar_one()
     if seen != digest:
         raise CallbackError(
@@ -136,36 +173,144 @@ def _claim_nonce(session: Session, cb: Callback, received_at: datetime) -> bool:
             "this Timestamp and Nonce were already used with a different body",
             cb.audit_fields(),
         )
-    return True
 
 
-def _lock_task(session: Session, cb: Callback, now: datetime) -> Task:
-    insert_ignore(
-        session,
-        Task,
-        {
-            "app_id": cb.app_id,
-            "task_id": cb.task_id,
-            "status": "running",  # placeholder: a new task always applies its first delivery
-            "state_seq": NO_POSITION,
-            "state_rank": 0,
-            "max_seq": NO_POSITION,
-            "runs": 0,
-            "run_floor_seq": NO_POSITION,
-            "first_seen_at": now,
-            "updated_at": now,
-        },
-        ["app_id", "task_id"],
+def _pg_json(value: Any) -> Json | None:
+    return None if value is None else Json(value)
+
+
+def _task_values(task: TaskState) -> dict[str, Any]:
+    values = {name: getattr(task, name) for name in _WRITTEN}
+    values["task_pk"] = task.id
+    return values
+
+
+# --- statements, built once ---------------------------------------------------------
+
+_STATE_FIELDS = tuple(f.name for f in fields(TaskState))
+# What the rules may change: every column of TaskState but the key.
+_WRITTEN = tuple(name for name in _STATE_FIELDS if name != "id")
+_TASKS = cast(Table, Task.__table__)
+_DELIVERIES = cast(Table, Delivery.__table__)
+_NONCES = cast(Table, CallbackNonce.__table__)
+_DELIVERY_COLUMNS = tuple(c.name for c in _DELIVERIES.columns if c.name != "id")
+_NEW_TASK = {
+    "status": "running",  # placeholder: a new task always applies its first delivery
+    "state_seq": NO_POSITION,
+    "state_rank": 0,
+    "max_seq": NO_POSITION,
+    "runs": 0,
+    "run_floor_seq": NO_POSITION,
+}
+# SQL NULL, not JSON null, where a task has no input or outputs.
+_JSON = JSON(none_as_null=True)
+_TYPED = (bindparam("input", type_=_JSON), bindparam("outputs", type_=_JSON))
+
+
+def _insert_columns(names: tuple[str, ...]) -> str:
+    placeholders = ", ".join(f"%({name})s" for name in names)
+    return f"({', '.join(names)}) VALUES ({placeholders})"
+
+
+def _set_clause(names: tuple[str, ...]) -> str:
+    return ", ".join(f"{name} = %({name})s" for name in names)
+
+
+_NEW_TASK_SQL = ", ".join(
+    f"'{value}'" if isinstance(value, str) else str(value) for value in _NEW_TASK.values()
+)
+
+# PostgreSQL statements run on the DBAPI cursor (see sqlutil.driver_execute), hence
+# psycopg's %(name)s placeholders.
+#
+# Step 1: claim the nonce, then create or lock the task (a DO UPDATE locks the row as
+# SELECT … FOR UPDATE would). The task's INSERT reads from the nonce's claim, so the
+# nonce is always locked first.
+_PG_CLAIM_AND_LOCK = f"""
+    WITH n AS (
+        INSERT INTO callback_nonces (zego_timestamp, nonce, body_sha256, seen_at)
+        VALUES (%(zego_timestamp)s, %(nonce)s, %(body_sha256)s, %(seen_at)s)
+        ON CONFLICT DO NOTHING
+        RETURNING 1
     )
-    return session.execute(
-        select(Task)
-        .where(Task.app_id == cb.app_id, Task.task_id == cb.task_id)
-        .with_for_update()
-        .execution_options(populate_existing=True)
-    ).scalar_one()
+    INSERT INTO tasks AS t (
+        app_id, task_id, {", ".join(_NEW_TASK)}, first_seen_at, updated_at
+    )
+    SELECT %(app_id)s::bigint, %(task_id)s::varchar, {_NEW_TASK_SQL},
+        %(now)s::timestamp, %(now)s::timestamp
+    FROM (SELECT count(*) FROM n) AS claim
+    ON CONFLICT (app_id, task_id) DO UPDATE SET app_id = EXCLUDED.app_id
+    RETURNING {", ".join("t." + name for name in _STATE_FIELDS)},
+        (SELECT count(*) FROM n)
+"""  # noqa: S608 - column names from the model, values bound
+
+# Step 2: record the delivery under its event key and, only if the key was free, write
+# the task back. No row: another delivery holds the key.
+_PG_RECORD_AND_WRITE_BACK = f"""
+    WITH d AS (
+        INSERT INTO deliveries {_insert_columns(_DELIVERY_COLUMNS)}
+        ON CONFLICT (event_key) DO NOTHING
+        RETURNING id
+    ), written AS (
+        UPDATE tasks SET {_set_clause(_WRITTEN)}
+        WHERE id = %(task_pk)s AND EXISTS (SELECT FROM d)
+    )
+    SELECT id FROM d
+"""  # noqa: S608 - column names from the model, values bound
+
+# SQLite (and any other backend): the same steps, one statement each.
+_CLAIM_NONCE = (
+    sqlite.insert(_NONCES)
+    .values({c: bindparam(c) for c in ("zego_timestamp", "nonce", "body_sha256", "seen_at")})
+    .on_conflict_do_nothing()
+    .returning(_NONCES.c.nonce)
+)
+_UPSERT_TASK = (
+    sqlite.insert(_TASKS)
+    .values(
+        app_id=bindparam("app_id"),
+        task_id=bindparam("task_id"),
+        first_seen_at=bindparam("now", type_=DateTime()),
+        updated_at=bindparam("now", type_=DateTime()),
+        **_NEW_TASK,
+    )
+    .on_conflict_do_update(
+        index_elements=[_TASKS.c.app_id, _TASKS.c.task_id],
+        set_={"app_id": sqlite.insert(_TASKS).excluded.app_id},
+    )
+    .returning(*(_TASKS.c[name] for name in _STATE_FIELDS))
+)
+_INSERT_DELIVERY_IGNORE = (
+    sqlite.insert(_DELIVERIES)
+    .values({c: bindparam(c) for c in _DELIVERY_COLUMNS})
+    .on_conflict_do_nothing(index_elements=[_DELIVERIES.c.event_key])
+    .returning(_DELIVERIES.c.id)
+)
+_WRITE_BACK_TASK = (
+    update(_TASKS)
+    .where(_TASKS.c.id == bindparam("task_pk"))
+    .values({name: bindparam(name) for name in _WRITTEN if name not in ("input", "outputs")})
+    .values(input=_TYPED[0], outputs=_TYPED[1])
+)
+
+# Every backend: the nonce's digest, and the record of a duplicate.
+_SEEN_DIGEST = select(_NONCES.c.body_sha256).where(
+    _NONCES.c.zego_timestamp == bindparam("zego_timestamp"),
+    _NONCES.c.nonce == bindparam("nonce"),
+)
+_TOUCH_TASK = (
+    update(_TASKS)
+    .where(_TASKS.c.id == bindparam("task_pk"))
+    .values(last_delivery_at=bindparam("last_delivery_at"))
+)
+_INSERT_DELIVERY = (
+    insert(_DELIVERIES)
+    .values({c: bindparam(c) for c in _DELIVERY_COLUMNS})
+    .returning(_DELIVERIES.c.id)
+)
 
 
-def apply_to_task(task: Task, cb: Callback, now: datetime) -> tuple[str, str | None]:
+def apply_to_task(task: TaskState, cb: Callback, now: datetime) -> tuple[str, str | None]:
     """Apply the ordering rules to a locked task; returns (verdict, reason)."""
     position = (cb.sequence, event_rank(cb))
     at = utc_from_timestamp(cb.timestamp)
@@ -183,11 +328,11 @@ def apply_to_task(task: Task, cb: Callback, now: datetime) -> tuple[str, str | N
     return "stale", "older_than_state"
 
 
-def _is_fresh(task: Task) -> bool:
+def _is_fresh(task: TaskState) -> bool:
     return task.state_seq == NO_POSITION and task.state_rank == 0
 
 
-def _apply_stop(task: Task, cb: Callback, position: tuple[int, int], at: datetime) -> bool:
+def _apply_stop(task: TaskState, cb: Callback, position: tuple[int, int], at: datetime) -> bool:
     current = (task.state_seq, task.state_rank)
     fresh = _is_fresh(task)
     active = task.status in ACTIVE
@@ -212,7 +357,7 @@ def _apply_stop(task: Task, cb: Callback, position: tuple[int, int], at: datetim
     return True
 
 
-def _apply_start(task: Task, cb: Callback, position: tuple[int, int], at: datetime) -> bool:
+def _apply_start(task: TaskState, cb: Callback, position: tuple[int, int], at: datetime) -> bool:
     current = (task.state_seq, task.state_rank)
     fresh = _is_fresh(task)
     ended = task.status in ENDED
@@ -253,7 +398,7 @@ def _apply_start(task: Task, cb: Callback, position: tuple[int, int], at: dateti
     return False
 
 
-def _place_in_run(task: Task, cb: Callback, position: tuple[int, int], at: datetime) -> None:
+def _place_in_run(task: TaskState, cb: Callback, position: tuple[int, int], at: datetime) -> None:
     """A late start still tells when the current run began; the status stays as it is.
 
     The run begins at its latest TranscodeStarted (an earlier one belongs to an
@@ -278,7 +423,7 @@ def _place_in_run(task: Task, cb: Callback, position: tuple[int, int], at: datet
     task.started_at = at
 
 
-def _remember_details(task: Task, cb: Callback, position: tuple[int, int]) -> None:
+def _remember_details(task: TaskState, cb: Callback, position: tuple[int, int]) -> None:
     """Owner, input and outputs come from the newest start/update, whatever its verdict.
 
     Each is a max-register keyed by (Sequence, rank), so the result does not depend

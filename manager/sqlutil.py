@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Connection
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 
@@ -51,3 +52,31 @@ def _insert_ignore(
         .on_conflict_do_nothing(index_elements=list(conflict_columns), index_where=index_where)
         .returning(table.primary_key.columns.values()[0])
     )
+
+
+def driver_execute(conn: Connection, statement: str, params: Mapping[str, Any]) -> Any:
+    """Run one row-returning statement, in the DBAPI's paramstyle, on the connection's own
+    DBAPI cursor, and return its first row (a tuple) or None.
+
+    For the few statements of a hot path: it skips SQLAlchemy's per-execution set-up
+    (compiled-cache lookup, bind and result processing), which costs several times the
+    driver's own work. Errors still surface as SQLAlchemy's DBAPIError, and a connection
+    found dead is invalidated, with the rest of the pool, as Connection.execute would.
+    """
+    dbapi = conn.dialect.loaded_dbapi
+    proxied = conn.connection
+    cursor = proxied.cursor()
+    try:
+        cursor.execute(statement, params)
+        return cursor.fetchone()
+    except dbapi.Error as exc:
+        invalidated = conn.dialect.is_disconnect(exc, proxied.dbapi_connection, cursor)
+        if invalidated:
+            conn.invalidate(exc)
+            # The others are most likely dead too (a restart): let them be replaced.
+            conn.engine.dispose(close=False)
+        raise DBAPIError.instance(
+            statement, params, exc, dbapi.Error, connection_invalidated=invalidated
+        ) from exc
+    finally:
+        cursor.close()

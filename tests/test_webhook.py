@@ -10,7 +10,7 @@ from urllib.parse import quote
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from manager import create_app
@@ -113,7 +113,9 @@ def test_wrong_appid_is_403(client: FlaskClient, db: Session) -> None:
     assert db.execute(select(Task)).first() is None
 
 
-@pytest.mark.parametrize("offset", [-301, 301, -10_000])
+# +303, not +301: the Timestamp is whole seconds, so a future one is up to 1 s nearer
+# than it looks, and a slow request brings it nearer still.
+@pytest.mark.parametrize("offset", [-301, 303, -10_000])
 def test_timestamp_outside_window_is_401_stale(client: FlaskClient, offset: int) -> None:
     response = post(client, callback(timestamp=int(time.time()) + offset))
     assert response.status_code == 401
@@ -213,3 +215,27 @@ def test_numbers_as_strings_on_the_wire(client: FlaskClient, db: Session) -> Non
     assert post(client, body).status_code == 200
     task = db.execute(select(Task)).scalar_one()
     assert (task.task_id, task.owner, task.max_seq) == ("77", "5", 9)
+
+
+@pytest.mark.postgres
+def test_lost_database_connection_is_503_and_the_retry_succeeds(
+    app: Flask, client: FlaskClient, db: Session
+) -> None:
+    """No pre-ping: a pooled connection that died fails its request with 503 (ZEGO
+    retries), and the pool is replaced, so the retry gets a live connection."""
+    assert post(client, callback(task_id="conn-1")).status_code == 200
+    engine = app.extensions["manager.engine"]
+    with engine.connect() as conn:  # the pooled connection the next request will get
+        pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+    db.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+    db.commit()
+    body = callback(task_id="conn-2")
+    lost = post(client, body)
+    assert lost.status_code == 503
+    assert lost.json["error"]["code"] == "database_unavailable"
+    retried = post(client, body)
+    assert retried.json == {"code": 0, "verdict": "applied"}
+    db.rollback()
+    assert db.execute(select(Task.status).where(Task.task_id == "conn-2")).scalar_one() == (
+        "running"
+    )
