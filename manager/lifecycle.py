@@ -26,7 +26,7 @@ from sqlalchemy import JSON, Connection, DateTime, Table, bindparam, insert, sel
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Session
 
-from .models import CallbackNonce, Delivery, Task
+from .models import CallbackNonce, Delivery, Task, TaskRun
 from .sqlutil import driver_execute
 from .zego.callbacks import STATUS_STARTED, Callback, CallbackError
 
@@ -137,9 +137,10 @@ def apply_callback(
     }
     if nonce_claimed:
         # The rules first: the verdict goes into the same INSERT that claims the event key.
+        run_before = _run_of(task)
         verdict, reason = apply_to_task(task, cb, received_at)
         delivery.update(event_key=cb.event_key(), verdict=verdict, reason=reason)
-        values = {**delivery, **_task_values(task)}
+        values = {**delivery, **_task_values(task), **_run_values(task, run_before)}
         if postgres:
             values.update(input=_pg_json(task.input), outputs=_pg_json(task.outputs))
             row = driver_execute(conn, _PG_RECORD_AND_WRITE_BACK, values)
@@ -148,6 +149,12 @@ def apply_callback(
             delivery_id = conn.execute(_INSERT_DELIVERY_IGNORE, values).scalar()
             if delivery_id is not None:
                 conn.execute(_WRITE_BACK_TASK, values)
+                if values["run_changed"]:
+                    # Only the run's own keys: Core would turn any other column-named
+                    # key into a SET target.
+                    run = {k: v for k, v in values.items() if k.startswith("run_")}
+                    conn.execute(_CLOSE_EARLIER_RUNS, run)
+                    conn.execute(_UPSERT_RUN, run)
         if delivery_id is not None:
             return Outcome(verdict, reason, task.id, delivery_id)
         # Another delivery holds the event key: this one is a resend, with a new nonce.
@@ -173,6 +180,23 @@ def _check_retransmission(conn: Connection, cb: Callback, digest: str) -> None:
             "this Timestamp and Nonce were already used with a different body",
             cb.audit_fields(),
         )
+
+
+def _run_of(task: TaskState) -> tuple[Any, ...]:
+    return (task.runs, task.owner, task.started_at, task.ended_at, task.stop_reason)
+
+
+def _run_values(task: TaskState, before: tuple[Any, ...]) -> dict[str, Any]:
+    """The current run's row in task_runs, and whether this delivery changed it."""
+    return {
+        "run_changed": task.runs > 0 and _run_of(task) != before,
+        "run_task_pk": task.id,
+        "run_number": task.runs,
+        "run_owner": task.owner,
+        "run_started_at": task.started_at,
+        "run_ended_at": task.ended_at,
+        "run_stop_reason": task.stop_reason,
+    }
 
 
 def _pg_json(value: Any) -> Json | None:
@@ -245,7 +269,9 @@ _PG_CLAIM_AND_LOCK = f"""
 """  # noqa: S608 - column names from the model, values bound
 
 # Step 2: record the delivery under its event key and, only if the key was free, write
-# the task back. No row: another delivery holds the key.
+# the task back, and its current run where this delivery changed it (a run that a
+# new one follows without a stop callback ends where the new one starts). No row:
+# another delivery holds the key.
 _PG_RECORD_AND_WRITE_BACK = f"""
     WITH d AS (
         INSERT INTO deliveries {_insert_columns(_DELIVERY_COLUMNS)}
@@ -254,6 +280,19 @@ _PG_RECORD_AND_WRITE_BACK = f"""
     ), written AS (
         UPDATE tasks SET {_set_clause(_WRITTEN)}
         WHERE id = %(task_pk)s AND EXISTS (SELECT FROM d)
+    ), closed AS (
+        UPDATE task_runs SET ended_at = %(run_started_at)s::timestamp
+        WHERE task_pk = %(task_pk)s AND run_no < %(run_number)s AND ended_at IS NULL
+            AND %(run_changed)s::boolean AND EXISTS (SELECT FROM d)
+    ), run AS (
+        INSERT INTO task_runs (task_pk, run_no, owner, started_at, ended_at, stop_reason)
+        SELECT %(task_pk)s::integer, %(run_number)s::integer, %(run_owner)s::varchar,
+            %(run_started_at)s::timestamp, %(run_ended_at)s::timestamp,
+            %(run_stop_reason)s::smallint
+        WHERE %(run_changed)s::boolean AND EXISTS (SELECT FROM d)
+        ON CONFLICT (task_pk, run_no) DO UPDATE SET owner = EXCLUDED.owner,
+            started_at = EXCLUDED.started_at, ended_at = EXCLUDED.ended_at,
+            stop_reason = EXCLUDED.stop_reason
     )
     SELECT id FROM d
 """  # noqa: S608 - column names from the model, values bound
@@ -291,6 +330,36 @@ _WRITE_BACK_TASK = (
     .where(_TASKS.c.id == bindparam("task_pk"))
     .values({name: bindparam(name) for name in _WRITTEN if name not in ("input", "outputs")})
     .values(input=_TYPED[0], outputs=_TYPED[1])
+)
+
+_RUNS = cast(Table, TaskRun.__table__)
+_CLOSE_EARLIER_RUNS = (
+    update(_RUNS)
+    .where(
+        _RUNS.c.task_pk == bindparam("run_task_pk"),
+        _RUNS.c.run_no < bindparam("run_number"),
+        _RUNS.c.ended_at.is_(None),
+    )
+    .values(ended_at=bindparam("run_started_at", type_=DateTime()))
+)
+_RUN_COLUMNS = {
+    "task_pk": bindparam("run_task_pk"),
+    "run_no": bindparam("run_number"),
+    "owner": bindparam("run_owner"),
+    "started_at": bindparam("run_started_at", type_=DateTime()),
+    "ended_at": bindparam("run_ended_at", type_=DateTime()),
+    "stop_reason": bindparam("run_stop_reason"),
+}
+_UPSERT_RUN = (
+    sqlite.insert(_RUNS)
+    .values(_RUN_COLUMNS)
+    .on_conflict_do_update(
+        index_elements=[_RUNS.c.task_pk, _RUNS.c.run_no],
+        set_={
+            c: sqlite.insert(_RUNS).excluded[c]
+            for c in ("owner", "started_at", "ended_at", "stop_reason")
+        },
+    )
 )
 
 # Every backend: the nonce's digest, and the record of a duplicate.

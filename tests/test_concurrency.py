@@ -26,7 +26,6 @@ pytestmark = pytest.mark.postgres
 
 THREADS = 8
 TASKS = 25
-T0 = int(time.time()) - 100
 
 
 def live_env(settings: Settings) -> dict[str, str]:
@@ -38,17 +37,17 @@ def live_env(settings: Settings) -> dict[str, str]:
     }
 
 
-def lifecycle(task_id: str) -> list[dict[str, object]]:
+def lifecycle(task_id: str, t0: int) -> list[dict[str, object]]:
     return [
-        callback(task_id=task_id, user_id=f"u-{task_id}", sequence=1, timestamp=T0),
+        callback(task_id=task_id, user_id=f"u-{task_id}", sequence=1, timestamp=t0),
         callback(
             task_id=task_id,
             user_id=f"u-{task_id}",
             sequence=2,
             status="TranscodeUpdated",
-            timestamp=T0 + 5,
+            timestamp=t0 + 5,
         ),
-        callback("transcode_stop", task_id=task_id, sequence=3, timestamp=T0 + 60),
+        callback("transcode_stop", task_id=task_id, sequence=3, timestamp=t0 + 60),
     ]
 
 
@@ -72,7 +71,8 @@ def post_all(base: str, bodies: list[dict[str, object]]) -> list[int]:
 
 def test_shuffled_lifecycles_from_eight_threads(app: Any, settings: Settings, db: Session) -> None:
     task_ids = [f"conc-{i}" for i in range(TASKS)]
-    bodies = [b for t in task_ids for b in lifecycle(t)]
+    t0 = int(time.time()) - 100  # taken per test: a slow suite must not age it out
+    bodies = [b for t in task_ids for b in lifecycle(t, t0)]
     bodies = bodies + [dict(b) for b in bodies]  # every delivery twice
     random.Random(7).shuffle(bodies)
 
@@ -89,8 +89,8 @@ def test_shuffled_lifecycles_from_eight_threads(app: Any, settings: Settings, db
             3,
             0,
         )
-        assert task.started_at == datetime.fromtimestamp(T0, UTC).replace(tzinfo=None)
-        assert task.ended_at == datetime.fromtimestamp(T0 + 60, UTC).replace(tzinfo=None)
+        assert task.started_at == datetime.fromtimestamp(t0, UTC).replace(tzinfo=None)
+        assert task.ended_at == datetime.fromtimestamp(t0 + 60, UTC).replace(tzinfo=None)
     verdicts = Counter(db.execute(select(Delivery.verdict)).scalars())
     assert verdicts["duplicate"] == len(bodies) // 2
     assert verdicts["applied"] + verdicts["stale"] == len(bodies) // 2
@@ -103,10 +103,11 @@ def test_the_same_event_at_the_same_moment_applies_once(
     # Each round: the same start, as THREADS distinct resends (new Timestamp and Nonce),
     # released together. Exactly one may apply; the rest are duplicates.
     rounds = 10
+    t0 = int(time.time()) - 100
     with gunicorn(live_env(settings)) as base:
         for r in range(rounds):
             bodies = [
-                callback(task_id=f"race-{r}", sequence=1, timestamp=T0 + i) for i in range(THREADS)
+                callback(task_id=f"race-{r}", sequence=1, timestamp=t0 + i) for i in range(THREADS)
             ]
             barrier = threading.Barrier(THREADS)
 

@@ -335,8 +335,8 @@ def test_chart_days_count_starts_and_split_hours_over_days(app_db: tuple[Session
         (datetime(2024, 4, 1, 0, 0), datetime(2024, 4, 2, 0, 0)),  # outside the window
     ]
     for i, (started, ended) in enumerate(runs, start=1):
-        db.add(TaskRun(task_pk=task_pk, run_no=i, started_at=started, ended_at=ended))
-    db.add(TaskRun(task_pk=task_pk, run_no=9, started_at=None, ended_at=None))
+        db.add(TaskRun(task_pk=task_pk, run_no=10 + i, started_at=started, ended_at=ended))
+    db.add(TaskRun(task_pk=task_pk, run_no=19, started_at=None, ended_at=None))
     db.flush()
     days = chart_days(db, now)
     assert len(days) == 14

@@ -12,7 +12,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from manager.models import Delivery, Task
+from manager.models import Delivery, Task, TaskRun
 
 from .conftest import callback
 
@@ -192,3 +192,53 @@ def test_tasks_are_independent(client: FlaskClient, db: Session) -> None:
     deliver(client, task_id="b", sequence=1)
     deliver(client, "transcode_stop", task_id="a", sequence=2)
     assert (task(db, "a").status, task(db, "b").status) == ("stopped", "running")
+
+
+def runs(db: Session, task_id: str = "task-1") -> list[tuple[Any, ...]]:
+    db.rollback()
+    return [
+        tuple(r)
+        for r in db.execute(
+            select(
+                TaskRun.run_no,
+                TaskRun.owner,
+                TaskRun.started_at,
+                TaskRun.ended_at,
+                TaskRun.stop_reason,
+            )
+            .join(Task, Task.id == TaskRun.task_pk)
+            .where(Task.task_id == task_id)
+            .order_by(TaskRun.run_no)
+        )
+    ]
+
+
+def test_every_run_is_kept_for_the_reports(client: FlaskClient, db: Session) -> None:
+    t0 = int(time.time()) - 200
+    deliver(client, sequence=1, user_id="u", timestamp=t0)
+    assert runs(db) == [(1, "u", at(t0), None, None)]
+    deliver(client, sequence=2, status="TranscodeUpdated", user_id="u", timestamp=t0 + 5)
+    deliver(client, "transcode_stop", sequence=3, timestamp=t0 + 60)
+    deliver(client, sequence=4, user_id="u", timestamp=t0 + 70)
+    deliver(client, "transcode_stop", sequence=5, stop_reason=1, timestamp=t0 + 90)
+    assert runs(db) == [
+        (1, "u", at(t0), at(t0 + 60), 0),
+        (2, "u", at(t0 + 70), at(t0 + 90), 1),
+    ]
+
+
+def test_a_run_whose_stop_came_first_gets_its_start_later(client: FlaskClient, db: Session) -> None:
+    t0 = int(time.time()) - 200
+    deliver(client, "transcode_stop", sequence=3, timestamp=t0 + 30)
+    assert runs(db) == [(1, None, None, at(t0 + 30), 0)]
+    deliver(client, sequence=1, user_id="late", timestamp=t0)
+    assert runs(db) == [(1, "late", at(t0), at(t0 + 30), 0)]
+
+
+def test_a_restart_without_a_stop_ends_the_earlier_run(client: FlaskClient, db: Session) -> None:
+    t0 = int(time.time()) - 200
+    deliver(client, sequence=1, user_id="u", timestamp=t0)
+    deliver(client, sequence=5, user_id="u", timestamp=t0 + 40)  # a new TranscodeStarted
+    assert runs(db) == [(1, "u", at(t0), at(t0 + 40), None), (2, "u", at(t0 + 40), None, None)]
+    assert deliver(client, sequence=5, user_id="u", timestamp=t0 + 41) == "duplicate"
+    assert len(runs(db)) == 2
