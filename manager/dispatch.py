@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 RATE_LIMITER_NAME = "zego_api"
 # How late after its slot a call may still go; see SharedRateLimiter's HEADROOM.
-LATE_TOLERANCE = 0.01
+LATE_TOLERANCE = 0.005
 
 
 def process_name(role: str) -> str:
