@@ -166,16 +166,18 @@ def stop_command(task_id: str, reason: str | None, force: bool) -> None:
     """Stop a task through StopCloudTranscode, as its recorded owner."""
     from . import get_dispatcher
     from .dispatch import stop_task_now
-    from .queries import find_task
 
     settings = current_app.extensions["manager.settings"]
     who = f"cli:{os.environ.get('USER') or os.environ.get('LOGNAME') or 'unknown'}"
     with _session() as session, _api_errors():
-        dispatcher = get_dispatcher()
-        begin_write(session)
-        task = find_task(session, task_id, settings.zego_app_id)
         stop, created = stop_task_now(
-            session, dispatcher, task, requested_by=who, reason=reason, force=force
+            session,
+            get_dispatcher(),
+            task_id,
+            app_id=settings.zego_app_id,
+            requested_by=who,
+            reason=reason,
+            force=force,
         )
     code = f" (ZEGO {stop.last_code}: {stop.last_message})" if stop.last_code is not None else ""
     prefix = "" if created else "already in flight: "

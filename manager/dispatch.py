@@ -17,9 +17,10 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from .config import Settings
-from .db import write_transaction
+from .db import begin_write, write_transaction
 from .lifecycle import utcnow
-from .models import StopRequest, Task
+from .models import StopRequest
+from .queries import find_task
 from .ratelimit import SharedRateLimiter
 from .stopping import Job, RetryPolicy, prepare_attempt, record_attempts, release, request_stop
 from .zego.client import ZegoClient, ZegoReply, make_client
@@ -114,8 +115,9 @@ def make_dispatcher(
 def stop_task_now(
     session: Session,
     dispatcher: Dispatcher,
-    task: Task,
+    task_id: str,
     *,
+    app_id: int | None,
     requested_by: str,
     reason: str | None,
     force: bool,
@@ -123,8 +125,12 @@ def stop_task_now(
 ) -> tuple[StopRequest, bool]:
     """Store a stop (commit), then make its first attempt; returns (request, created).
 
-    A stop already in flight for the task is returned instead of a new one.
+    A stop already in flight for the task is returned instead of a new one. The
+    session must have no transaction open, and the dispatcher must exist already:
+    making it may touch the database, which a SQLite write lock would block.
     """
+    begin_write(session)
+    task = find_task(session, task_id, app_id)
     stop, created = request_stop(
         session,
         task,

@@ -75,20 +75,17 @@ def stop_task(task_id: str) -> tuple[dict[str, Any], int]:
     """Store the stop, then make the first attempt here; retries are the worker's."""
     reason = _reason(_json_body())
     force = request.args.get("force", "").lower() in ("1", "true", "yes")
-    dispatcher = get_dispatcher()  # before the write transaction: it may touch the database
-    session = get_session()
-    begin_write(session)
-    task = find_task(session, task_id, get_settings().zego_app_id)
     stop, created = stop_task_now(
-        session,
-        dispatcher,
-        task,
+        get_session(),
+        get_dispatcher(),
+        task_id,
+        app_id=get_settings().zego_app_id,
         requested_by=g.operator,
         reason=reason,
         force=force,
         max_wait=FIRST_ATTEMPT_MAX_WAIT,
     )
-    body = {"stop_request": stop_request_json(stop, task.task_id), "created": created}
+    body = {"stop_request": stop_request_json(stop, task_id), "created": created}
     if stop.state == "succeeded":
         return body, 200
     if stop.state == "queued":

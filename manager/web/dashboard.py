@@ -37,7 +37,6 @@ from ..dispatch import stop_task_now
 from ..errors import ApiError
 from ..lifecycle import utcnow
 from ..models import ApiToken, Delivery, StopRequest, Task
-from ..queries import find_task
 from ..tokens import authenticate
 
 # The stop button waits this long for a rate slot before leaving the stop to the worker.
@@ -222,14 +221,11 @@ def stop() -> ResponseReturnValue:
         flash("There is no such task.", "error")
         return redirect(url_for(".index"))
     try:
-        dispatcher = get_dispatcher()  # before the write transaction: it may touch the database
-        db = get_session()
-        begin_write(db)
-        task = find_task(db, task_id, get_settings().zego_app_id)
         stop_request, created = stop_task_now(
-            db,
-            dispatcher,
-            task,
+            get_session(),
+            get_dispatcher(),
+            task_id,
+            app_id=get_settings().zego_app_id,
             requested_by=g.operator,
             reason="stopped from the dashboard",
             force=False,
