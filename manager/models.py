@@ -49,7 +49,14 @@ class Task(Base):
         CheckConstraint(_in("status", TASK_STATUSES), name="status"),
         Index("ix_tasks_status_updated_at", "status", "updated_at"),
         Index("ix_tasks_owner", "owner"),
-        Index("ix_tasks_status_last_delivery_at", "status", "last_delivery_at"),
+        # Covers summary's task counts: one index-only range per status.
+        Index(
+            "ix_tasks_status_last_delivery_at_updated_at_first_seen_at",
+            "status",
+            "last_delivery_at",
+            "updated_at",
+            "first_seen_at",
+        ),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -92,7 +99,7 @@ class Delivery(Base):
         # the key; a resend cannot insert it again and is recorded as a duplicate.
         UniqueConstraint("event_key"),
         Index("ix_deliveries_task_pk_id", "task_pk", "id"),
-        Index("ix_deliveries_received_at_verdict", "received_at", "verdict"),
+        Index("ix_deliveries_verdict_received_at", "verdict", "received_at"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
@@ -252,7 +259,15 @@ class TaskRun(Base):
         Index(
             "ix_task_runs_ended_at_stop_reason_started_at", "ended_at", "stop_reason", "started_at"
         ),
-        Index("ix_task_runs_owner", "owner"),
+        # Covers owners: runs in (owner, task) order, so both groupings need no sort.
+        Index(
+            "ix_task_runs_owner_task_pk_started_at_ended_at_stop_reason",
+            "owner",
+            "task_pk",
+            "started_at",
+            "ended_at",
+            "stop_reason",
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
