@@ -139,6 +139,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--worker-threads",
+        type=int,
+        default=2,
+        help="sender threads per worker: 2 cover the fake's ~5 ms answers; more add jitter here",
+    )
     parser.add_argument("--rate-limit", type=int, default=100)
     parser.add_argument("--admin-url", default=ADMIN_URL)
     parser.add_argument("--timeout", type=float, default=120.0)
@@ -187,7 +193,8 @@ def main() -> int:
             seed_tasks(database_url, fake_url, args.tasks)
             queue_bulk_stop(env)
             started = time.monotonic()
-            processes += [spawn(["worker"], env) for _ in range(args.workers)]
+            worker = ["worker", "--threads", str(args.worker_threads)]
+            processes += [spawn(worker, env) for _ in range(args.workers)]
             stats: dict[str, object] = {}
             while time.monotonic() - started < args.timeout:
                 stats = requests.get(f"{fake_url}_fake/stats", timeout=5).json()
@@ -210,7 +217,10 @@ def main() -> int:
             }
         )
     )
-    print(f"tasks={args.tasks} workers={args.workers} rate_limit={args.rate_limit}/s")
+    print(
+        f"tasks={args.tasks} workers={args.workers}x{args.worker_threads} threads "
+        f"rate_limit={args.rate_limit}/s"
+    )
     print(f"accepted stops      {accepted}")
     print(f"sustained rate      {sustained:.1f} stops/s (first to last call at the fake)")
     print(f"wall time           {wall:.1f} s (workers started to last stop seen)")
