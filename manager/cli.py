@@ -203,6 +203,9 @@ def worker_command(once: bool, threads: int) -> None:
         dispatcher = make_dispatcher(
             ext["manager.settings"], ext["manager.engine"], ext["manager.sessions"], "worker"
         )
+    # Sender threads wake for their rate slots: a short switch interval keeps a thread
+    # busy recording from making them late (late calls cost slots; bunched ones, the limit).
+    sys.setswitchinterval(0.0005)
     worker = StopWorker(dispatcher, threads=threads)
     try:
         if once:
