@@ -40,7 +40,6 @@ import resource
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -52,7 +51,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, make_url, text
+from common import bench_database, free_port  # bench/common.py, beside this script
+from sqlalchemy import Engine, create_engine, text
 
 from manager.config import KNOWN_VARIABLES
 from manager.zego.signing import new_nonce, signed_callback
@@ -101,27 +101,6 @@ class WrkResult:
 # --------------------------------------------------------------------------- database
 
 
-@contextlib.contextmanager
-def bench_database(admin_url: str, keep: bool) -> Iterator[str]:
-    """A new database for this run; dropped afterwards unless `keep`."""
-    url = make_url(admin_url).set(drivername="postgresql+psycopg")
-    name = f"manager_bench_{secrets.token_hex(4)}"
-    admin = create_engine(url, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        try:
-            yield url.set(database=name).render_as_string(hide_password=False)
-        finally:
-            if keep:
-                print(f"kept database {name}")
-            else:
-                with admin.connect() as conn:
-                    conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    finally:
-        admin.dispose()
-
-
 def verdict_counts(engine: Engine) -> dict[str, int]:
     """Deliveries by verdict (and reason, when there is one)."""
     with engine.connect() as conn:
@@ -151,12 +130,6 @@ def diff_counts(after: dict[str, int], before: dict[str, int]) -> dict[str, int]
 
 
 # --------------------------------------------------------------------------- processes
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:

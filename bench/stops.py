@@ -19,19 +19,18 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import requests
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from common import bench_database, free_port  # noqa: E402  (bench/common.py)
 
 from manager.db import make_engine  # noqa: E402
 from manager.migrate import upgrade  # noqa: E402
@@ -41,27 +40,6 @@ ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 APP_ID = 1357924680
 SERVER_SECRET = secrets.token_hex(16)
 CALLBACK_SECRET = secrets.token_hex(16)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@contextmanager
-def scratch_database(admin_url: str) -> Iterator[str]:
-    name = f"manager_bench_{secrets.token_hex(4)}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield admin_url.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -151,7 +129,7 @@ def main() -> int:
     args = parser.parse_args()
 
     processes: list[subprocess.Popen[bytes]] = []
-    with scratch_database(args.admin_url) as database_url:
+    with bench_database(args.admin_url) as database_url:
         engine = make_engine(database_url)
         upgrade(engine)
         engine.dispose()
