@@ -371,7 +371,17 @@ def daily(
     owner: str | None = None,
     now: datetime | None = None,
 ) -> list[DayRow]:
-    """Per UTC day of the window: runs started, stopped, failed, and transcoding seconds."""
+    """Per UTC day of the window: runs started, stopped, failed, and transcoding seconds.
+
+    The seconds come from a sweep over the day boundaries, not from a join of every run
+    with every day it touches: the runs overlapping the window, clipped to it (a running
+    one to `now`), are grouped by (start day, end day). Each group adds to its start day
+    the time from the starts to the next midnight, to its end day the time from that
+    midnight to the ends (a run within one day: its whole length), and one full day per
+    run to every day in between, counted +n on the day after the start day and -n on the
+    end day and summed up over the days in order. Runs started, stopped and failed are
+    counted day by day, each a range of the index on started_at or ended_at.
+    """
     now = now or utcnow()
     window = daily_window(window or Window(), now)
     assert window.since is not None  # noqa: S101
@@ -382,75 +392,86 @@ def daily(
     first = window.since.date()
     sql = _Dialect(session)
 
-    k = literal(0, Integer).label("k")
-    seed = select(k).cte("days", recursive=True)
-    days = seed.union_all(select((seed.c.k + 1).label("k")).where(seed.c.k + 1 < n_days))
-    day_start, day_end = sql.day_bounds(days.c.k, first)
-
     def owned(query: _Query) -> _Query:
         return query if owner is None else query.where(TaskRun.owner == owner)
 
-    zero_span = sql.zero
-    started = owned(
+    since, until = window.since, window.until
+
+    def event(k: Any, busy: Any = 0, full: Any = 0) -> _Query:
+        """A row of additions to day k: busy microseconds, runs under way all day from k."""
+        return select(
+            k.label("k"),
+            (literal(busy, BigInteger) if isinstance(busy, int) else busy).label("busy"),
+            (literal(full, BigInteger) if isinstance(full, int) else full).label("full"),
+        )
+
+    # The runs overlapping the window, clipped to it: those ended in or after it (a
+    # range of the ended_at index) and, unless `now` is before it, those still going.
+    def clipped(end: Any, *conditions: ColumnElement[bool]) -> _Query:
+        lo = sql.greatest(TaskRun.started_at, _ts(since))
+        hi = sql.least(end, _ts(until))
+        start_day, start_offset = sql.day_and_offset(lo, first)
+        end_day, end_offset = sql.day_and_offset(hi, first)
+        return owned(
+            select(
+                start_day.label("a"),
+                end_day.label("b"),
+                start_offset.label("lo"),
+                end_offset.label("hi"),
+            ).where(TaskRun.started_at.is_not(None), hi > lo, *conditions)
+        )
+
+    branches = [clipped(TaskRun.ended_at, TaskRun.ended_at >= _ts(since))]
+    if now >= since:
+        branches.append(clipped(_ts(now), TaskRun.ended_at.is_(None)))
+    runs = union_all(*branches).subquery("runs")
+    spans = (
         select(
-            sql.day_index(TaskRun.started_at, first).label("k"),
-            literal(1, Integer).label("started"),
-            literal(0, Integer).label("stopped"),
-            literal(0, Integer).label("failed"),
-            sql.no_span.label("busy"),
-        ).where(window.contains(TaskRun.started_at))
+            runs.c.a,
+            runs.c.b,
+            func.count().label("n"),
+            sql.total_us(func.sum(runs.c.lo)).label("lo_us"),
+            sql.total_us(func.sum(runs.c.hi)).label("hi_us"),
+        )
+        .group_by(runs.c.a, runs.c.b)
+        .cte("spans")
     )
-    ended = owned(
-        select(
-            sql.day_index(TaskRun.ended_at, first).label("k"),
-            literal(0, Integer).label("started"),
-            case((TaskRun.stop_reason == STOPPED, 1), else_=0).label("stopped"),
-            case((TaskRun.stop_reason == FAILED, 1), else_=0).label("failed"),
-            sql.no_span.label("busy"),
-        ).where(window.contains(TaskRun.ended_at))
+    day_us = literal(_DAY_US, BigInteger)
+    head = case(
+        (spans.c.a == spans.c.b, spans.c.hi_us - spans.c.lo_us),
+        else_=spans.c.n * day_us - spans.c.lo_us,
     )
-    # A run inside one day adds to that day; only the few that span midnight (long or
-    # still going) are joined with the days, so the join stays small.
-    lo = sql.greatest(TaskRun.started_at, _ts(window.since))
-    hi = sql.least(func.coalesce(TaskRun.ended_at, _ts(now)), _ts(window.until))
-    one_day = _runs_in(
-        select(
-            sql.day_index(lo, first),
-            literal(0, Integer),
-            literal(0, Integer),
-            literal(0, Integer),
-            sql.span(lo, hi),
-        ),
-        window,
-        now,
-        owner,
-    ).where(TaskRun.started_at.is_not(None), hi > lo, sql.same_day(lo, hi))
-    spanning = _runs_in(
-        select(
-            days.c.k,
-            literal(0, Integer),
-            literal(0, Integer),
-            literal(0, Integer),
-            _overlap(sql, window, now, day_start, day_end),
-        ),
-        window,
-        now,
-        owner,
-    ).where(
-        TaskRun.started_at.is_not(None),
-        hi > lo,
-        ~sql.same_day(lo, hi),
-        TaskRun.started_at < day_end,
-        or_(TaskRun.ended_at.is_(None), TaskRun.ended_at > day_start),
-    )
-    events = union_all(started, ended, one_day, spanning).subquery("events")
+    crosses = spans.c.a < spans.c.b
+    events = union_all(
+        event(spans.c.a, busy=head),
+        event(spans.c.b, busy=spans.c.hi_us).where(crosses),
+        event(spans.c.a + 1, full=spans.c.n).where(crosses),
+        event(spans.c.b, full=-spans.c.n).where(crosses),
+    ).subquery("events")
+
+    k = literal(0, Integer).label("k")
+    seed = select(k).cte("days", recursive=True)
+    days = seed.union_all(select((seed.c.k + 1).label("k")).where(seed.c.k + 1 < n_days))
+    # Runs under way all day long on day k: those that entered on a day up to k, less
+    # those that left.
+    full_days = func.sum(func.coalesce(func.sum(events.c.full), 0)).over(order_by=days.c.k)
+    day_start, day_end = sql.day_bounds(days.c.k, first)
+
+    def per_day(column: Any, *conditions: ColumnElement[bool]) -> Any:
+        """Runs whose `column` falls on the day: a range of the index on it, counted."""
+        return owned(
+            select(func.count()).where(
+                window.contains(column), column >= day_start, column < day_end, *conditions
+            )
+        ).scalar_subquery()
+
     query = (
         select(
             days.c.k,
-            func.coalesce(func.sum(events.c.started), 0),
-            func.coalesce(func.sum(events.c.stopped), 0),
-            func.coalesce(func.sum(events.c.failed), 0),
-            sql.total_us(func.coalesce(func.sum(events.c.busy), zero_span)),
+            per_day(TaskRun.started_at),
+            per_day(TaskRun.ended_at, TaskRun.stop_reason == STOPPED),
+            per_day(TaskRun.ended_at, TaskRun.stop_reason == FAILED),
+            func.coalesce(func.sum(events.c.busy), 0) + full_days * day_us,
         )
         .select_from(days)
         .outerjoin(events, events.c.k == days.c.k)
@@ -625,10 +646,17 @@ class _Dialect:
         start = literal(first.isoformat() + " 00:00:00.000000", String)
         return (self._us(column) - self._us(start)) // _DAY_US
 
-    def same_day(self, a: Any, b: Any) -> Any:
+    def day_and_offset(self, value: Any, first: date) -> tuple[Any, Any]:
+        """Whole UTC days from `first` to the value's day, and the time since its midnight.
+
+        The time is an interval on PostgreSQL and integer microseconds on SQLite.
+        """
         if self.pg:
-            return cast(a, Date) == cast(b, Date)
-        return func.date(type_coerce(a, String)) == func.date(type_coerce(b, String))
+            return self.day_index(value, first), value - func.date_trunc("day", value)
+        since_first = self._us(value) - self._us(
+            literal(first.isoformat() + " 00:00:00.000000", String)
+        )
+        return since_first // _DAY_US, since_first % _DAY_US
 
     def day_bounds(self, k: Any, first: date) -> tuple[Any, Any]:
         """Start and end of day `first + k`, comparable with the stored timestamps."""
