@@ -120,8 +120,8 @@ def main() -> int:
     parser.add_argument(
         "--worker-threads",
         type=int,
-        default=2,
-        help="sender threads per worker: 2 cover the fake's ~5 ms answers; more add jitter here",
+        default=1,
+        help="sender threads per worker; 1 keeps up with the fake's ~5 ms answers",
     )
     parser.add_argument("--rate-limit", type=int, default=100)
     parser.add_argument("--admin-url", default=ADMIN_URL)
