@@ -11,10 +11,12 @@ from sqlalchemy import create_engine, make_url, text
 
 
 @contextlib.contextmanager
-def bench_database(admin_url: str, keep: bool = False) -> Iterator[str]:
+def bench_database(
+    admin_url: str, keep: bool = False, prefix: str = "manager_bench"
+) -> Iterator[str]:
     """A new PostgreSQL database for this run; dropped afterwards unless `keep`."""
     url = make_url(admin_url).set(drivername="postgresql+psycopg")
-    name = f"manager_bench_{secrets.token_hex(4)}"
+    name = f"{prefix}_{secrets.token_hex(4)}"
     admin = create_engine(url, isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as conn:

@@ -31,16 +31,18 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, make_url, text
+from sqlalchemy import Engine, make_url, text
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 sys.path.insert(0, str(REPO))
+
+from common import bench_database  # noqa: E402  (bench/common.py)
 
 from manager import reporting  # noqa: E402
 from manager.db import make_engine, make_session_factory  # noqa: E402
@@ -48,27 +50,6 @@ from manager.migrate import upgrade  # noqa: E402
 
 SECONDS_TARGET = 1.0
 RSS_TARGET_MB = 100
-
-
-@contextlib.contextmanager
-def bench_database(admin_url: str, keep: bool) -> Iterator[str]:
-    """A new database of our own, dropped afterwards unless --keep."""
-    url = make_url(admin_url).set(drivername="postgresql+psycopg")
-    name = f"manager_bench_reports_{secrets.token_hex(3)}"
-    admin = create_engine(url, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        try:
-            yield url.set(database=name).render_as_string(hide_password=False)
-        finally:
-            if keep:
-                print(f"kept database {name}")
-            else:
-                with admin.connect() as conn:
-                    conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    finally:
-        admin.dispose()
 
 
 GENERATE = [
@@ -288,7 +269,9 @@ def main() -> None:
             url = make_url(args.admin_url).set(drivername="postgresql+psycopg", database=args.reuse)
             url = url.render_as_string(hide_password=False)
         else:
-            url = stack.enter_context(bench_database(args.admin_url, args.keep))
+            url = stack.enter_context(
+                bench_database(args.admin_url, args.keep, prefix="manager_bench_reports")
+            )
         engine = make_engine(url)
         upgrade(engine)
         if not args.reuse:
