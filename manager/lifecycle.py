@@ -24,7 +24,6 @@ from typing import Any, cast
 from psycopg.types.json import Json
 from sqlalchemy import JSON, Connection, DateTime, Table, bindparam, insert, select, update
 from sqlalchemy.dialects import sqlite
-from sqlalchemy.orm import Session
 
 from .models import CallbackNonce, Delivery, Task, TaskRun
 from .sqlutil import driver_execute
@@ -93,7 +92,7 @@ def event_rank(cb: Callback) -> int:
 
 
 def apply_callback(
-    session: Session,
+    conn: Connection,
     cb: Callback,
     *,
     raw_body: bytes,
@@ -101,8 +100,10 @@ def apply_callback(
     received_at: datetime,
     remote_addr: str | None,
 ) -> Outcome:
-    """Record one verified delivery and move its task if it is the newest. Never commits."""
-    conn = session.connection()
+    """Record one verified delivery and move its task if it is the newest. Never commits.
+
+    `conn` is in a write transaction (db.write_connection), which the caller commits.
+    """
     postgres = conn.dialect.name == "postgresql"
     digest = cb.body_digest()
     claim = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -23,6 +24,18 @@ CALLBACK_LATENCY = Histogram(
     "Time to verify, apply and commit one callback",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
+
+
+# The labelled children, looked up once each: labels() takes a lock and builds a key.
+_DELIVERY_COUNTERS: dict[tuple[str, str], Any] = {}
+
+
+def count_delivery(verdict: str, reason: str | None) -> None:
+    key = (verdict, reason or "")
+    child = _DELIVERY_COUNTERS.get(key)
+    if child is None:
+        child = _DELIVERY_COUNTERS.setdefault(key, DELIVERIES.labels(*key))
+    child.inc()
 
 
 def render() -> tuple[bytes, str]:
