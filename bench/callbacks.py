@@ -3,12 +3,13 @@
 Run it from the repository root, with PostgreSQL up and wrk installed:
 
     .venv/bin/python bench/callbacks.py --threads 1 --connections 8
-    .venv/bin/python bench/callbacks.py --threads 1 --connections 8 --rate 400   # held load
+    .venv/bin/python bench/callbacks.py --threads 1 --connections 8 --held-rate 500
     .venv/bin/python bench/callbacks.py --check    # exit 1 when a target is missed
 
 Targets: manager's rate at least 0.8x the baseline's (TARGET_RATIO), and manager's
-p99 latency under 25 ms (TARGET_P99_MS) at that load. Every manager response must be
-a 200 with nothing rejected, or the run fails whatever the figures.
+p99 latency under 25 ms (TARGET_P99_MS) at that load: at 0.8x the baseline's measured
+rate, offered open-loop (see 5. below). Every manager response must be a 200 with
+nothing rejected, or the run fails whatever the figures.
 
 What it does, all on 127.0.0.1:
 
@@ -21,7 +22,12 @@ What it does, all on 127.0.0.1:
 4. runs `wrk --latency` with the same settings against baseline and manager, alternately
    (baseline, manager, baseline, manager, ...), and prints the median rates, the ratio,
    p99 latencies, CPU per request (app processes, their PostgreSQL backends, wrk),
-   non-2xx counts and the verdicts recorded in the deliveries table.
+   non-2xx counts and the verdicts recorded in the deliveries table;
+5. then offers manager a constant rate (--held-rate, by default 0.8x the baseline's
+   median) for --held-rounds runs: wrk with one connection per thread, each thread
+   sending on a fixed schedule and timing each answer from the request's scheduled
+   time, not from when it left (wrk_bodies.lua's @INTERVAL mode, as wrk2 does), so a
+   request held up behind a slow one counts its wait and a backlog shows in p99.
 
 Both apps share the machine with PostgreSQL and wrk, so the figures move with whatever
 else runs: run each configuration at least twice, and compare medians along with the
@@ -96,6 +102,25 @@ class WrkResult:
     cpu_app_ms: float = math.nan
     cpu_db_ms: float = math.nan
     cpu_wrk_ms: float = math.nan
+
+
+@dataclass(frozen=True)
+class HeldResult:
+    """An open-loop run: requests sent on a fixed schedule, whatever the answers."""
+
+    target: str
+    offered: float  # req/s asked for
+    rate: float  # answers per second over the run
+    requests: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    non_2xx: int
+    socket_errors: int
+    cpu_app_ms: float = math.nan
+    cpu_db_ms: float = math.nan
+    cpu_client_ms: float = math.nan  # wrk's
 
 
 # --------------------------------------------------------------------------- database
@@ -315,6 +340,71 @@ def describe(r: WrkResult) -> str:
     )
 
 
+# --------------------------------------------------------------------------- open loop
+
+
+def run_wrk_paced(
+    target: str, url: str, prefix: Path, args: argparse.Namespace, rate: float
+) -> HeldResult:
+    """wrk with one connection per thread, each sending on a fixed schedule (the @INTERVAL
+    mode of wrk_bodies.lua): latencies count from the scheduled time of each request."""
+    n = args.held_connections
+    cmd = [
+        args.wrk,
+        f"-t{n}",
+        f"-c{n}",
+        f"-d{args.duration}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(LUA_SCRIPT),
+        url,
+        "--",
+        str(prefix),
+        f"@{1000 * n / rate:.4f}",
+    ]
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=args.duration + 60, check=False
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"wrk failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+    if args.verbose:
+        print(out.stdout.rstrip())
+    found = {}
+    for line in out.stdout.splitlines():
+        key, _, rest = line.partition(" ")
+        if key in ("BENCH_RESULT", "BENCH_PACED"):
+            found[key] = json.loads(rest)
+    if len(found) != 2:
+        raise RuntimeError(f"no BENCH_PACED in wrk output:\n{out.stdout}\n{out.stderr}")
+    r, paced = found["BENCH_RESULT"], found["BENCH_PACED"]
+    return HeldResult(
+        target=target,
+        offered=rate,
+        rate=paced["answers"] / (r["duration_us"] / 1e6),
+        requests=paced["answers"],
+        p50_ms=paced["p50_ms"],
+        p90_ms=paced["p90_ms"],
+        p99_ms=paced["p99_ms"],
+        max_ms=paced["max_ms"],
+        non_2xx=paced["non_2xx"],
+        socket_errors=r["errors_connect"]
+        + r["errors_read"]
+        + r["errors_write"]
+        + r["errors_timeout"],
+    )
+
+
+def describe_held(r: HeldResult) -> str:
+    return (
+        f"{r.target:8} offered {r.offered:7.1f} req/s, answered {r.rate:7.1f} req/s  "
+        f"n={r.requests:<6} p50={r.p50_ms:6.2f} ms p90={r.p90_ms:6.2f} ms  "
+        f"p99={r.p99_ms:6.2f} ms  max={r.max_ms:7.2f} ms  non-2xx={r.non_2xx}  "
+        f"socket-errors={r.socket_errors}  cpu/req app={r.cpu_app_ms:.2f} "
+        f"db={r.cpu_db_ms:.2f} wrk={r.cpu_client_ms:.2f} ms"
+    )
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -330,6 +420,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         default=0,
         help="hold the load at or under this many req/s (wrk delay()); 0: as fast as possible",
+    )
+    p.add_argument(
+        "--held-rounds",
+        type=int,
+        default=2,
+        help="open-loop runs of manager at --held-rate after the others (0: none)",
+    )
+    p.add_argument(
+        "--held-rate",
+        type=float,
+        default=0,
+        help=f"req/s of the open-loop runs; 0: {TARGET_RATIO}x the baseline's median rate",
+    )
+    p.add_argument(
+        "--held-connections",
+        type=int,
+        default=16,
+        help="connections (one per wrk thread) of the open-loop runs",
     )
     p.add_argument("--workers", type=int, default=4, help="gunicorn workers for both apps")
     p.add_argument(
@@ -485,6 +593,35 @@ def main(argv: list[str] | None = None) -> int:
                         extra = f"  verdicts={diff_counts(verdict_counts(engine), before)}"
                     load = "/".join(f"{x:.1f}" for x in os.getloadavg())
                     print(f"round {round_no} {describe(r)}  load={load}{extra}", flush=True)
+            held: list[HeldResult] = []
+            if args.held_rounds:
+                base_rate = statistics.median(r.rate for r in results["baseline"])
+                rate = args.held_rate or TARGET_RATIO * base_rate
+                count = round(rate * args.duration)
+                for round_no in range(1, args.held_rounds + 1):
+                    before = verdict_counts(engine)
+                    run_no += 1
+                    prefix = tmp / f"bodies-{run_no}"
+                    n = args.held_connections
+                    write_bodies(prefix, n, count // n + BLOCK, secret, f"{tag}-h{run_no}")
+                    app0, db0 = group_cpu(procs[0].pid), backend_cpu(engine, APP_NAMES["manager"])
+                    wrk0 = children_cpu()
+                    h = run_wrk_paced("manager", urls["manager"], prefix, args, rate)
+                    db1 = backend_cpu(engine, APP_NAMES["manager"])
+                    db = sum(cpu - db0.get(pid, 0.0) for pid, cpu in db1.items())
+                    h = replace(
+                        h,
+                        cpu_app_ms=(group_cpu(procs[0].pid) - app0) * 1000 / h.requests,
+                        cpu_db_ms=db * 1000 / h.requests,
+                        cpu_client_ms=(children_cpu() - wrk0) * 1000 / h.requests,
+                    )
+                    for tid in range(n):
+                        Path(f"{prefix}.{tid}").unlink()
+                    held.append(h)
+                    extra = f"  verdicts={diff_counts(verdict_counts(engine), before)}"
+                    load = "/".join(f"{x:.1f}" for x in os.getloadavg())
+                    print(f"held {round_no} {describe_held(h)}  load={load}{extra}", flush=True)
+                    time.sleep(0.5)
             verdicts = diff_counts(verdict_counts(engine), verdicts_before)
             baseline_rows = count_rows(engine, "baseline_bodies") - baseline_rows_before
         finally:
@@ -492,11 +629,12 @@ def main(argv: list[str] | None = None) -> int:
                 stop(proc)
             engine.dispose()
 
-        return report(results, verdicts, baseline_rows, args)
+        return report(results, held, verdicts, baseline_rows, args)
 
 
 def report(
     results: dict[str, list[WrkResult]],
+    held: list[HeldResult],
     verdicts: dict[str, int],
     baseline_rows: int,
     args: argparse.Namespace,
@@ -513,11 +651,13 @@ def report(
         db = statistics.median(r.cpu_db_ms for r in rs)
         return f"cpu/request: app {app:.2f} ms, PostgreSQL backends {db:.2f} ms"
 
-    mgr_non_2xx = sum(r.non_2xx + r.socket_errors for r in mgr)
+    mgr_non_2xx = sum(r.non_2xx + r.socket_errors for r in mgr) + sum(
+        h.non_2xx + h.socket_errors for h in held
+    )
     base_non_2xx = sum(r.non_2xx + r.socket_errors for r in base)
     rejected = sum(n for k, n in verdicts.items() if k.startswith("rejected"))
     repeated = any(r.wraps for r in base + mgr)
-    manager_requests = sum(r.requests for r in mgr)
+    manager_requests = sum(r.requests for r in mgr) + sum(h.requests for h in held)
 
     print()
     print(
@@ -529,6 +669,17 @@ def report(
         f"non-2xx/errors {mgr_non_2xx}   {cpu(mgr)}"
     )
     print(f"ratio     manager/baseline = {ratio:.3f}  (target >= {TARGET_RATIO})")
+    held_p99 = math.nan
+    if held:
+        held_p99 = statistics.median(h.p99_ms for h in held)
+        held_p50 = statistics.median(h.p50_ms for h in held)
+        app = statistics.median(h.cpu_app_ms for h in held)
+        db = statistics.median(h.cpu_db_ms for h in held)
+        print(
+            f"held      manager at {held[0].offered:.1f} req/s, open loop: median p50 "
+            f"{held_p50:6.2f} ms   median p99 {held_p99:6.2f} ms   "
+            f"cpu/request: app {app:.2f} ms, PostgreSQL backends {db:.2f} ms"
+        )
     print(
         f"deliveries recorded in measured runs: {sum(verdicts.values())} "
         f"(wrk counted {manager_requests} responses; requests in flight when wrk stops "
@@ -545,11 +696,14 @@ def report(
             "whether manager kept up; run without --rate to compare capacity"
         )
     ok_ratio = ratio >= TARGET_RATIO
-    ok_p99 = mgr_p99 < TARGET_P99_MS
+    # "p99 under 25 ms at that load": at TARGET_RATIO of the baseline's rate, when held
+    # runs were made; else at saturation, which is the harder test.
+    ok_p99 = (held_p99 if held else mgr_p99) < TARGET_P99_MS
+    p99_where = f"at {held[0].offered:.0f} req/s" if held else "at saturation"
     ok_clean = mgr_non_2xx == 0 and rejected == 0
     print(
         f"target ratio >= {TARGET_RATIO}: {'PASS' if ok_ratio else 'FAIL'}   "
-        f"target p99 < {TARGET_P99_MS:.0f} ms: {'PASS' if ok_p99 else 'FAIL'}   "
+        f"target p99 < {TARGET_P99_MS:.0f} ms {p99_where}: {'PASS' if ok_p99 else 'FAIL'}   "
         f"all 200 and none rejected: {'PASS' if ok_clean else 'FAIL'}"
     )
     if not ok_clean:
