@@ -6,7 +6,9 @@
 What it does, all on 127.0.0.1 (PostgreSQL with trust auth, see --admin-url):
 
 1. creates a fresh database (dropped at the end, even on error) and migrates it;
-2. generates, in SQL with generate_series, --tasks tasks spread over the last 90 days
+2. generates, in SQL with generate_series, --tasks tasks spread over the last 90 days,
+   numbered in order of first sight (as the service numbers them), with deliveries in
+   order of arrival
    (2 % running, 0.3 % stopping, 5 % failed, the rest stopped; 1 % of runs without a
    start; 10 % of tasks with an earlier second run; run lengths exponential with a mean
    of 30 minutes, 1 % fifty times longer), their runs, --deliveries deliveries of every
@@ -44,7 +46,7 @@ sys.path.insert(0, str(REPO))
 
 from common import bench_database  # noqa: E402  (bench/common.py)
 
-from manager import reporting  # noqa: E402
+from manager import reporting, rollups  # noqa: E402
 from manager.db import make_engine, make_session_factory  # noqa: E402
 from manager.migrate import upgrade  # noqa: E402
 
@@ -57,13 +59,19 @@ GENERATE = [
     # One row per task: its current run's times come from `start` and `len` (seconds).
     """
     CREATE TEMP TABLE gen AS
-    SELECT i,
-           :now - interval '90 days' * random() AS start,
-           (-ln(1 - random()) * 1800 * CASE WHEN random() < 0.01 THEN 50 ELSE 1 END)
-               * interval '1 second' AS len,
+    SELECT i, start, len,
            CASE WHEN i % 50 = 0 THEN 'running' WHEN i % 300 = 1 THEN 'stopping'
                 WHEN i % 20 = 2 THEN 'failed' ELSE 'stopped' END AS status
-    FROM generate_series(1, :tasks) AS i
+    FROM (
+        -- Numbered in order of start, as the service numbers tasks when first seen.
+        SELECT row_number() OVER (ORDER BY start) AS i, start, len
+        FROM (
+            SELECT :now - interval '90 days' * random() AS start,
+                   (-ln(1 - random()) * 1800 * CASE WHEN random() < 0.01 THEN 50 ELSE 1 END)
+                       * interval '1 second' AS len
+            FROM generate_series(1, :tasks)
+        ) AS drawn
+    ) AS numbered
     """,
     """
     INSERT INTO tasks (id, app_id, task_id, owner, status, stop_reason, state_seq, state_rank,
@@ -91,8 +99,9 @@ GENERATE = [
     FROM tasks t JOIN gen g ON g.i = t.id WHERE t.runs = 2
     """,
     """
+    -- Received in order of id, as they are appended when they arrive.
     INSERT INTO deliveries (received_at, verdict, task_pk, event, task_id, body_size, raw_body)
-    SELECT :now - interval '90 days' * random(), v.verdict,
+    SELECT :now - interval '90 days' * (1 - (j - random()) / :deliveries), v.verdict,
            CASE WHEN v.verdict <> 'rejected' THEN 1 + j % :tasks END,
            'transcode_start', 'task-' || (1 + j % :tasks), 2, '\\x7b7d'::bytea
     FROM generate_series(1, :deliveries) AS j
@@ -164,7 +173,13 @@ def time_reports(url: str, now: datetime, repeat: int) -> list[tuple[str, float,
         ("daily, one owner", run(reporting.daily, None, "user-7", now=now)),
         ("stuck", run(reporting.stuck, now=now)),
     ]
-    results = []
+    # summary writes delivery_hours the first time it needs them: timed here, on its own.
+    started = time.perf_counter()
+    rollups.fill(engine, now)
+    filled = time.perf_counter() - started
+    with engine.connect() as conn:
+        hours = conn.execute(text("SELECT count(*) FROM delivery_hours")).scalar_one()
+    results = [("delivery_hours, first fill", filled, filled, f"{hours} hours")]
     for label, fn in cases:
         fn()  # warm the cache once
         med, worst, out = median_seconds(fn, repeat)
@@ -286,7 +301,9 @@ def main() -> None:
 
         print(f"\n{'report':34} {'median':>9} {'worst':>9}  result")
         for label, med, worst, shape in time_reports(url, now, args.repeat):
-            flag = "" if med < SECONDS_TARGET else "  ** over 1 s"
+            # The fill is a one-off on first use, not a report.
+            over = med >= SECONDS_TARGET and not label.startswith("delivery_hours")
+            flag = "  ** over 1 s" if over else ""
             print(f"{label:34} {med * 1000:7.0f} ms {worst * 1000:6.0f} ms  {shape}{flag}")
 
         header = f"{'rows':>9} {'MB sent':>8} {'peak RSS':>9} {'time':>7}"

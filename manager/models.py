@@ -126,6 +126,22 @@ class Delivery(Base):
     raw_body: Mapped[bytes] = mapped_column(LargeBinary)
 
 
+class DeliveryHour(Base):
+    """Deliveries received in one UTC hour, by verdict: summary's counts of a long window.
+
+    Written only for hours that can no longer change (see manager/rollups.py), in one
+    unbroken run of hours from the first delivery's.
+    """
+
+    __tablename__ = "delivery_hours"
+
+    hour: Mapped[datetime] = mapped_column(DateTime, primary_key=True)
+    applied: Mapped[int] = mapped_column(BigInteger)
+    duplicate: Mapped[int] = mapped_column(BigInteger)
+    stale: Mapped[int] = mapped_column(BigInteger)
+    rejected: Mapped[int] = mapped_column(BigInteger)
+
+
 class CallbackNonce(Base):
     """(Timestamp, Nonce) pairs seen inside the freshness window, with the body they signed."""
 

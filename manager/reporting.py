@@ -22,6 +22,7 @@ from sqlalchemy import (
     ColumnElement,
     Date,
     DateTime,
+    Engine,
     Integer,
     Interval,
     Select,
@@ -41,6 +42,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
+from . import rollups
 from .models import STOP_STATES, TASK_STATUSES, VERDICTS, Delivery, StopRequest, Task, TaskRun
 
 REPORTS = ("summary", "owners", "daily", "stuck")
@@ -118,10 +120,14 @@ def utcnow() -> datetime:
 
 
 def summary(
-    session: Session, window: Window | None = None, owner: str | None = None
+    session: Session,
+    window: Window | None = None,
+    owner: str | None = None,
+    now: datetime | None = None,
 ) -> dict[str, Any]:
     """Task states, runs started/ended, failure rate, run durations, stops and deliveries."""
     window = window or Window()
+    now = now or utcnow()
     sql = _Dialect(session)
 
     # One count per status, each a range of an index that leads with the status
@@ -155,11 +161,12 @@ def summary(
         stops_query = stops_query.where(StopRequest.user_id == owner)
     stops = _counts(session, stops_query)
 
-    delivery_conditions = [window.contains(Delivery.received_at)]
-    if owner is not None:
-        owned = select(Task.id).where(Task.owner == owner)
-        delivery_conditions.append(Delivery.task_pk.in_(owned.scalar_subquery()))
-    verdicts = _counts_each(session, Delivery.verdict, VERDICTS, delivery_conditions)
+    if owner is None:
+        verdicts = _delivery_counts(session, window, now)
+    else:
+        owned = select(Task.id).where(Task.owner == owner).scalar_subquery()
+        in_window = [window.contains(Delivery.received_at), Delivery.task_pk.in_(owned)]
+        verdicts = _counts_each(session, Delivery.verdict, VERDICTS, in_window)
 
     return {
         "tasks": tasks,
@@ -170,6 +177,27 @@ def summary(
         "stop_requests": {state: stops.get(state, 0) for state in STOP_STATES},
         "deliveries": verdicts,
     }
+
+
+def _delivery_counts(session: Session, window: Window, now: datetime) -> dict[str, int]:
+    """Deliveries per verdict: whole final hours from delivery_hours, the ends counted."""
+    bind = session.get_bind()
+    hours = (
+        rollups.hour_counts(bind, window.since, window.until, now)
+        if isinstance(bind, Engine)
+        else None
+    )
+    if hours is None:
+        in_window = [window.contains(Delivery.received_at)]
+        return _counts_each(session, Delivery.verdict, VERDICTS, in_window)
+    before = [Delivery.received_at < _ts(hours.start)]
+    after = [Delivery.received_at >= _ts(hours.end)]
+    if window.since is not None:
+        before.append(Delivery.received_at >= _ts(window.since))
+    if window.until is not None:
+        after.append(Delivery.received_at < _ts(window.until))
+    ends = _counts_each(session, Delivery.verdict, VERDICTS, before, after)
+    return {verdict: ends[verdict] + hours.counts[verdict] for verdict in VERDICTS}
 
 
 def _ended_runs(
