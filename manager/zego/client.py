@@ -43,6 +43,14 @@ class ZegoReply:
         return self.outcome == "success"
 
 
+@dataclass(frozen=True)
+class PreparedCall:
+    """A signed request and the send settings Session.request would use for it."""
+
+    request: requests.PreparedRequest
+    settings: dict[str, Any]
+
+
 def classify(code: int) -> Outcome:
     if code == 0:
         return "success"
@@ -75,8 +83,12 @@ class ZegoClient:
         return f"ZegoClient(base_url={self._base_url!r}, app_id={self._app_id})"
 
     def stop_cloud_transcode(self, task_id: str, user_id: str, sequence: int) -> ZegoReply:
+        return self.send(self.prepare_stop(task_id, user_id, sequence))
+
+    def prepare_stop(self, task_id: str, user_id: str, sequence: int) -> PreparedCall:
+        """A signed StopCloudTranscode, ready to send (the Timestamp may be 10 minutes off)."""
         body = {"TaskId": task_id, "UserId": user_id, "Sequence": sequence}
-        return self.call("StopCloudTranscode", body)
+        return self.prepare("StopCloudTranscode", body)
 
     def start_cloud_transcode(self, body: dict[str, Any]) -> ZegoReply:
         return self.call("StartCloudTranscode", body)
@@ -96,11 +108,23 @@ class ZegoClient:
 
     def call(self, action: str, body: dict[str, Any]) -> ZegoReply:
         """POST one signed request; network failures and 5xx come back as retryable."""
+        return self.send(self.prepare(action, body))
+
+    def prepare(self, action: str, body: dict[str, Any]) -> PreparedCall:
+        """Sign and encode a request now, so that sending it later costs as little as can be."""
+        request = requests.Request(
+            "POST", self._base_url, params=self.signed_params(action), json=body
+        )
+        prepared = self._http.prepare_request(request)
+        # What Session.request would add from the environment (proxies, CA bundle), now.
+        settings = self._http.merge_environment_settings(prepared.url, {}, None, None, None)
+        return PreparedCall(prepared, dict(settings))
+
+    def send(self, prepared: PreparedCall) -> ZegoReply:
+        """Send a prepared request once; network failures and 5xx come back as retryable."""
         started = time.monotonic()
         try:
-            response = self._http.post(
-                self._base_url, params=self.signed_params(action), json=body, timeout=self._timeout
-            )
+            response = self._http.send(prepared.request, timeout=self._timeout, **prepared.settings)
         except requests.Timeout:
             return self._reply("retryable", None, "timed out", None, None, started)
         except requests.RequestException as exc:
