@@ -120,8 +120,8 @@ def main() -> int:
     parser.add_argument(
         "--worker-threads",
         type=int,
-        default=1,
-        help="sender threads per worker; 1 keeps up with the fake's ~5 ms answers",
+        default=4,
+        help="sender threads per worker",
     )
     parser.add_argument("--rate-limit", type=int, default=100)
     parser.add_argument("--admin-url", default=ADMIN_URL)

@@ -188,7 +188,9 @@ def stop_command(task_id: str, reason: str | None, force: bool) -> None:
 
 @click.command("worker")
 @click.option("--once", is_flag=True, help="run one pass and exit")
-@click.option("--threads", default=8, show_default=True, type=click.IntRange(1, 64))
+@click.option(
+    "--threads", default=4, show_default=True, type=click.IntRange(1, 64), help="sender threads"
+)
 @with_appcontext
 def worker_command(once: bool, threads: int) -> None:
     """Send queued stop requests within the shared rate limit; re-stop stuck tasks."""
@@ -203,8 +205,8 @@ def worker_command(once: bool, threads: int) -> None:
         dispatcher = make_dispatcher(
             ext["manager.settings"], ext["manager.engine"], ext["manager.sessions"], "worker"
         )
-    # Sender threads wake for their rate slots: a short switch interval keeps a thread
-    # busy recording from making them late (late calls cost slots; bunched ones, the limit).
+    # Sender threads wake for their rate slots: a short switch interval keeps the thread
+    # claiming and recording from making them late (a late call costs its slot).
     sys.setswitchinterval(0.0005)
     worker = StopWorker(dispatcher, threads=threads)
     try:

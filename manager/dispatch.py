@@ -21,15 +21,13 @@ from .db import begin_write, write_transaction
 from .lifecycle import utcnow
 from .models import StopRequest
 from .queries import find_task
-from .ratelimit import SharedRateLimiter
+from .ratelimit import CLOCK_ERROR, SEND_TOLERANCE, SharedRateLimiter
 from .stopping import Job, RetryPolicy, prepare_attempt, record_attempts, release, request_stop
 from .zego.client import ZegoClient, ZegoReply, make_client
 
 log = logging.getLogger(__name__)
 
 RATE_LIMITER_NAME = "zego_api"
-# How late after its slot a call may still go; see SharedRateLimiter's HEADROOM.
-LATE_TOLERANCE = 0.005
 
 
 def process_name(role: str) -> str:
@@ -48,40 +46,50 @@ class Dispatcher:
     def send(self, job: Job, max_wait: float) -> str | None:
         """Make one attempt and return the request's new state; None when no rate slot
         came within max_wait (the job is released)."""
-        wait = self.limiter.reserve(max_wait)
-        if wait is None:
-            with write_transaction(self.sessions) as session:
-                release(session, job.stop_request_id)
-            return None
-        return self.send_after(job, wait)
+        give_up_at = time.monotonic() + max_wait
+        slot = self.limiter.reserve(max_wait)
+        while slot is not None:
+            reply = self.call_in_slot(job, slot)
+            if reply is not None:
+                return self.record([(job, reply)])[0]
+            slot = self.limiter.reserve(give_up_at - time.monotonic())  # late: a fresh slot
+        with write_transaction(self.sessions) as session:
+            release(session, job.stop_request_id)
+        return None
 
-    def send_after(self, job: Job, wait: float) -> str:
-        """Make one attempt in a rate slot reserved `wait` seconds ahead, and record it."""
-        return self.record([(job, self.call(job, wait))])[0]
+    def call_in_slot(self, job: Job, slot: float) -> ZegoReply | None:
+        """Call StopCloudTranscode in the slot reserved at monotonic time `slot`.
 
-    def call(self, job: Job, wait: float) -> ZegoReply:
-        """Wait for the reserved slot, then call StopCloudTranscode.
-
-        A call that would go out late (a busy machine, a slow thread) takes a fresh slot
-        instead: late calls bunched onto punctual ones would break the limit.
+        None, and nothing sent, when the call could not leave within SEND_TOLERANCE of
+        its slot (a busy machine, a slow thread): the slot is lost and the caller takes
+        a fresh one, since late calls bunched onto punctual ones would break the limit.
+        The request is signed before the wait so that little stands between the check
+        and the send.
         """
-        slot_at = time.monotonic() + wait
-        while True:
-            delay = slot_at - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            if time.monotonic() - slot_at <= LATE_TOLERANCE:
-                break
-            fresh = self.limiter.reserve(self.policy.lease.total_seconds() / 2)
-            slot_at = time.monotonic() + (fresh if fresh is not None else 1.0)
-        reply = self.client.stop_cloud_transcode(job.task_id, job.user_id, job.sequence)
+        prepared = self.client.prepare_stop(job.task_id, job.user_id, job.sequence)
+        # A clock offset known less well than CLOCK_ERROR narrows the window from both
+        # sides, so the call still lands inside the spread ratelimit.py budgets for.
+        margin = max(0.0, self.limiter.clock_error() - CLOCK_ERROR)
+        earliest, latest = slot + margin, slot + SEND_TOLERANCE - margin
+        while (now := time.monotonic()) < earliest:
+            time.sleep(earliest - now)
+        if now > latest:
+            log.debug(
+                "task=%s seq=%s missed its slot by %.1f ms",
+                job.task_id,
+                job.sequence,
+                1000 * (now - slot),
+            )
+            return None
+        reply = self.client.send(prepared)
         log.info(
-            "StopCloudTranscode task=%s seq=%s outcome=%s code=%s request_id=%s",
+            "StopCloudTranscode task=%s seq=%s outcome=%s code=%s request_id=%s late_ms=%.2f",
             job.task_id,
             job.sequence,
             reply.outcome,
             reply.code,
             reply.request_id,
+            1000 * (now - slot),
         )
         return reply
 
