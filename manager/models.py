@@ -47,7 +47,9 @@ class Task(Base):
     __table_args__ = (
         UniqueConstraint("app_id", "task_id"),
         CheckConstraint(_in("status", TASK_STATUSES), name="status"),
-        Index("ix_tasks_status_updated_at", "status", "updated_at"),
+        # The id is included (PostgreSQL; SQLite's indexes carry it anyway), so the
+        # running tasks' ids come from the index alone.
+        Index("ix_tasks_status_updated_at", "status", "updated_at", postgresql_include=["id"]),
         Index("ix_tasks_owner", "owner"),
         # Covers summary's task counts: one index-only range per status.
         Index(

@@ -312,26 +312,50 @@ def owners(
     now = now or utcnow()
     sql = _Dialect(session)
     overlap = _overlap(sql, window, now)
-    failed = case(
-        (and_(TaskRun.stop_reason == FAILED, window.contains(TaskRun.ended_at)), 1), else_=0
-    )
-    # Running tasks are few: their ids are looked up once, and hashed (PostgreSQL) or
-    # indexed (SQLite) for the test on every run.
-    running_ids = select(Task.id).where(Task.status == "running").scalar_subquery()
-    is_running = TaskRun.task_pk.in_(running_ids)
-    busy = func.coalesce(func.sum(overlap), sql.zero)
+    failed = and_(TaskRun.stop_reason == FAILED, window.contains(TaskRun.ended_at))
     # The covering index on (owner, task_pk, …) hands the runs over in owner order, so
     # the grouping needs no sort, and COUNT(DISTINCT task_pk) sorts each owner's few.
-    query = (
-        _runs_in(select(TaskRun.owner), window, now, owner)
+    per_owner = (
+        _runs_in(select(TaskRun.owner.label("owner")), window, now, owner)
         .add_columns(
-            func.count(TaskRun.task_pk.distinct()),
-            func.count(case((is_running, TaskRun.task_pk), else_=null()).distinct()),
-            func.sum(failed),
-            sql.total_us(busy),
+            func.count(TaskRun.task_pk.distinct()).label("tasks"),
+            func.count().filter(failed).label("failed"),
+            func.coalesce(func.sum(overlap), sql.zero).label("busy"),
         )
         .group_by(TaskRun.owner)
-        .order_by(busy.desc(), TaskRun.owner.asc().nulls_last())
+        .subquery("per_owner")
+    )
+    # Running tasks are few: their runs are found from their side, once, rather than
+    # every run being looked up among them. Owners are joined by equality, so the runs
+    # without an owner get theirs on their own.
+    running_runs = _runs_in(
+        select(TaskRun.owner.label("owner"), func.count(TaskRun.task_pk.distinct()).label("n"))
+        .join(Task, Task.id == TaskRun.task_pk)
+        .where(Task.status == "running"),
+        window,
+        now,
+        owner,
+    )
+    running = running_runs.group_by(TaskRun.owner).subquery("running")
+    running_unowned = (
+        running_runs.with_only_columns(func.count(TaskRun.task_pk.distinct()))
+        .where(TaskRun.owner.is_(None))
+        .scalar_subquery()
+    )
+    running_n = case(
+        (per_owner.c.owner.is_(None), running_unowned),
+        else_=func.coalesce(running.c.n, 0),
+    )
+    query = (
+        select(
+            per_owner.c.owner,
+            per_owner.c.tasks,
+            running_n,
+            per_owner.c.failed,
+            sql.total_us(per_owner.c.busy),
+        )
+        .outerjoin(running, running.c.owner == per_owner.c.owner)
+        .order_by(per_owner.c.busy.desc(), per_owner.c.owner.asc().nulls_last())
     )
     for name, tasks, running_n, failed_n, busy_us in _stream(session, query):
         yield OwnerRow(name, int(tasks), int(running_n), int(failed_n), _seconds(busy_us))

@@ -211,6 +211,34 @@ def test_owners_filter_and_a_window_inside_a_run(history: Session) -> None:
     assert list(reporting.owners(history, inside, now=NOW)) == [OwnerRow("bob", 1, 0, 0, 3600)]
 
 
+def test_owners_running_counts_tasks_running_now_and_runs_without_an_owner(
+    history: Session,
+) -> None:
+    def add(task_id: str, owner: str | None, runs: list[tuple[Any, ...]]) -> None:
+        task = Task(
+            app_id=1, task_id=task_id, owner=owner, status="running", state_seq=1,
+            state_rank=1, max_seq=1, run_floor_seq=0, runs=len(runs), first_seen_at=runs[0][0],
+            updated_at=runs[-1][0], last_delivery_at=runs[-1][0],
+        )  # fmt: skip
+        history.add(task)
+        history.flush()
+        for run_no, (start, end) in enumerate(runs, start=1):
+            history.add(
+                TaskRun(task_pk=task.id, run_no=run_no, owner=owner, started_at=start, ended_at=end,
+                        stop_reason=None if end is None else 0)
+            )  # fmt: skip
+
+    # Running now; its only run in the window ended in it, the current one began after.
+    add("G1", "gina", [(h(1), h(2)), (h(75), None)])
+    # Running, with no owner: with N1 (stopped), the unowned runs hold one running task.
+    add("U1", None, [(h(20), None)])
+    history.commit()
+    rows = {row.owner: row for row in reporting.owners(history, WINDOW, now=NOW)}
+    assert rows["gina"] == OwnerRow("gina", 1, 1, 0, 3600)
+    assert rows[None] == OwnerRow(None, 2, 1, 0, 3600 + 52 * 3600)
+    assert rows["bob"] == OWNERS_IN_WINDOW[0]
+
+
 def test_owners_ties_go_by_owner(history: Session) -> None:
     # Mar 13 08:00-09:00 holds an hour of A3, B1, B2 and D1 each.
     rows = list(reporting.owners(history, Window(h(80), h(81)), now=NOW))
