@@ -118,6 +118,8 @@ def apply_callback(
     if postgres:
         *row, claimed = driver_execute(conn, _PG_CLAIM_AND_LOCK, claim)
         nonce_claimed = bool(claimed)
+        if row[0] is None:  # created by another transaction meanwhile (see the statement)
+            row = list(driver_execute(conn, _PG_LOCK_TASK, claim))
     else:
         nonce_claimed = conn.execute(_CLAIM_NONCE, claim).first() is not None
         row = list(conn.execute(_UPSERT_TASK, claim).one())
@@ -248,25 +250,43 @@ _NEW_TASK_SQL = ", ".join(
 # PostgreSQL statements run on the DBAPI cursor (see sqlutil.driver_execute), hence
 # psycopg's %(name)s placeholders.
 #
-# Step 1: claim the nonce, then create or lock the task (a DO UPDATE locks the row as
-# SELECT … FOR UPDATE would). The task's INSERT reads from the nonce's claim, so the
-# nonce is always locked first.
+# Step 1: claim the nonce, then create or lock the task. An existing task is locked by
+# SELECT … FOR UPDATE, which writes no new row version: an ON CONFLICT DO UPDATE would,
+# with an entry in each of the task's indexes, only for the write-back to replace it.
+# Both read the nonce's claim, so the nonce is always locked first. A task that another
+# transaction created and committed while this statement waited on its INSERT is in
+# neither branch (it is newer than the statement's snapshot): the row then comes back
+# with a NULL id, and _PG_LOCK_TASK, a statement of its own, locks the task.
 _PG_CLAIM_AND_LOCK = f"""
     WITH n AS (
         INSERT INTO callback_nonces (zego_timestamp, nonce, body_sha256, seen_at)
         VALUES (%(zego_timestamp)s, %(nonce)s, %(body_sha256)s, %(seen_at)s)
         ON CONFLICT DO NOTHING
         RETURNING 1
+    ), claim AS (
+        SELECT count(*) AS claimed FROM n
+    ), created AS (
+        INSERT INTO tasks AS t (
+            app_id, task_id, {", ".join(_NEW_TASK)}, first_seen_at, updated_at
+        )
+        SELECT %(app_id)s::bigint, %(task_id)s::varchar, {_NEW_TASK_SQL},
+            %(now)s::timestamp, %(now)s::timestamp
+        FROM claim
+        ON CONFLICT (app_id, task_id) DO NOTHING
+        RETURNING {", ".join("t." + name for name in _STATE_FIELDS)}
+    ), locked AS (
+        SELECT {", ".join("t." + name for name in _STATE_FIELDS)}
+        FROM tasks AS t, claim
+        WHERE t.app_id = %(app_id)s AND t.task_id = %(task_id)s
+        FOR UPDATE OF t
     )
-    INSERT INTO tasks AS t (
-        app_id, task_id, {", ".join(_NEW_TASK)}, first_seen_at, updated_at
-    )
-    SELECT %(app_id)s::bigint, %(task_id)s::varchar, {_NEW_TASK_SQL},
-        %(now)s::timestamp, %(now)s::timestamp
-    FROM (SELECT count(*) FROM n) AS claim
-    ON CONFLICT (app_id, task_id) DO UPDATE SET app_id = EXCLUDED.app_id
-    RETURNING {", ".join("t." + name for name in _STATE_FIELDS)},
-        (SELECT count(*) FROM n)
+    SELECT task.*, claim.claimed
+    FROM claim LEFT JOIN (SELECT * FROM created UNION ALL SELECT * FROM locked) AS task ON true
+"""  # noqa: S608 - column names from the model, values bound
+_PG_LOCK_TASK = f"""
+    SELECT {", ".join(_STATE_FIELDS)} FROM tasks
+    WHERE app_id = %(app_id)s AND task_id = %(task_id)s
+    FOR UPDATE
 """  # noqa: S608 - column names from the model, values bound
 
 # Step 2: record the delivery under its event key and, only if the key was free, write
