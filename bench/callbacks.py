@@ -248,14 +248,15 @@ def callback_bodies(secret: str, tag: str, count: int) -> Iterator[bytes]:
             ("transcode_start", "TranscodeUpdated", 2),
             ("transcode_stop", "TranscodeStopped", 3),
         ):
-            for task_id in tasks:
+            for i, task_id in enumerate(tasks):
                 if sent == count:
                     return
                 payload: dict[str, object] = {
                     "Event": event,
                     "Appid": str(APP_ID),
                     "TaskId": task_id,
-                    "UserId": f"user-{sent % 97}",
+                    # A task's owner is the same in all its callbacks, as with ZEGOCLOUD.
+                    "UserId": f"user-{(block * BLOCK + i) % 97}",
                     "Sequence": sequence,
                     "Status": status,
                 }
