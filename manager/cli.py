@@ -198,17 +198,17 @@ def worker_command(once: bool, threads: int) -> None:
     import threading
 
     from .dispatch import make_dispatcher
-    from .worker import StopWorker
+    from .worker import SWITCH_INTERVAL, StopWorker
 
     ext = current_app.extensions
     with _api_errors():
         dispatcher = make_dispatcher(
             ext["manager.settings"], ext["manager.engine"], ext["manager.sessions"], "worker"
         )
-    # Sender threads wake for their rate slots: a short switch interval keeps the thread
-    # claiming and recording from making them late (a late call costs its slot).
-    sys.setswitchinterval(0.0005)
-    worker = StopWorker(dispatcher, threads=threads)
+    # A long-running worker sends from a process of its own, where no database work
+    # holds the GIL when a slot comes; a single pass sends from threads of this one.
+    sys.setswitchinterval(SWITCH_INTERVAL)
+    worker = StopWorker(dispatcher, threads=threads, separate_process=not once)
     try:
         if once:
             click.echo(f"{worker.run_once()} attempts made")

@@ -11,7 +11,7 @@ import os
 import random
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -23,7 +23,7 @@ from .models import StopRequest
 from .queries import find_task
 from .ratelimit import CLOCK_ERROR, SEND_TOLERANCE, SharedRateLimiter
 from .stopping import Job, RetryPolicy, prepare_attempt, record_attempts, release, request_stop
-from .zego.client import ZegoClient, ZegoReply, make_client
+from .zego.client import ClientConfig, ZegoClient, ZegoReply
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +34,37 @@ def process_name(role: str) -> str:
     return f"{role}:{socket.gethostname()}:{os.getpid()}"
 
 
+def send_in_window(
+    client: ZegoClient, job: Job, earliest: float, latest: float
+) -> tuple[ZegoReply | None, float]:
+    """Call StopCloudTranscode between the monotonic times `earliest` and `latest`.
+
+    The request is signed first, so that little stands between the check and the
+    send. Returns the reply, or None and nothing sent when the call could not leave
+    by `latest` (a busy machine, a slow thread): late calls bunched onto punctual
+    ones would break the limit, so the caller takes a fresh slot. Also returns how
+    late after `earliest` the call left (or would have).
+    """
+    prepared = client.prepare_stop(job.task_id, job.user_id, job.sequence)
+    while (now := time.monotonic()) < earliest:
+        time.sleep(earliest - now)
+    if now > latest:
+        return None, now - earliest
+    return client.send(prepared), now - earliest
+
+
 @dataclass
 class Dispatcher:
     sessions: sessionmaker[Session]
-    client: ZegoClient
+    client_config: ClientConfig
     limiter: SharedRateLimiter
     policy: RetryPolicy
     name: str
     rng: random.Random
+    client: ZegoClient = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.client = self.client_config.make()
 
     def send(self, job: Job, max_wait: float) -> str | None:
         """Make one attempt and return the request's new state; None when no rate slot
@@ -49,49 +72,24 @@ class Dispatcher:
         give_up_at = time.monotonic() + max_wait
         slot = self.limiter.reserve(max_wait)
         while slot is not None:
-            reply = self.call_in_slot(job, slot)
+            reply, late = send_in_window(self.client, job, *self.send_window(slot))
             if reply is not None:
+                log_call(job, reply, late)
                 return self.record([(job, reply)])[0]
             slot = self.limiter.reserve(give_up_at - time.monotonic())  # late: a fresh slot
         with write_transaction(self.sessions) as session:
             release(session, job.stop_request_id)
         return None
 
-    def call_in_slot(self, job: Job, slot: float) -> ZegoReply | None:
-        """Call StopCloudTranscode in the slot reserved at monotonic time `slot`.
+    def send_window(self, slot: float) -> tuple[float, float]:
+        """When a call in the slot at monotonic time `slot` may leave: (earliest, latest).
 
-        None, and nothing sent, when the call could not leave within SEND_TOLERANCE of
-        its slot (a busy machine, a slow thread): the slot is lost and the caller takes
-        a fresh one, since late calls bunched onto punctual ones would break the limit.
-        The request is signed before the wait so that little stands between the check
-        and the send.
+        Up to SEND_TOLERANCE late; a clock offset known less well than CLOCK_ERROR
+        narrows the window from both sides, so that the call still lands within the
+        spread ratelimit.py budgets for.
         """
-        prepared = self.client.prepare_stop(job.task_id, job.user_id, job.sequence)
-        # A clock offset known less well than CLOCK_ERROR narrows the window from both
-        # sides, so the call still lands inside the spread ratelimit.py budgets for.
         margin = max(0.0, self.limiter.clock_error() - CLOCK_ERROR)
-        earliest, latest = slot + margin, slot + SEND_TOLERANCE - margin
-        while (now := time.monotonic()) < earliest:
-            time.sleep(earliest - now)
-        if now > latest:
-            log.debug(
-                "task=%s seq=%s missed its slot by %.1f ms",
-                job.task_id,
-                job.sequence,
-                1000 * (now - slot),
-            )
-            return None
-        reply = self.client.send(prepared)
-        log.info(
-            "StopCloudTranscode task=%s seq=%s outcome=%s code=%s request_id=%s late_ms=%.2f",
-            job.task_id,
-            job.sequence,
-            reply.outcome,
-            reply.code,
-            reply.request_id,
-            1000 * (now - slot),
-        )
-        return reply
+        return slot + margin, slot + SEND_TOLERANCE - margin
 
     def record(self, results: list[tuple[Job, ZegoReply]]) -> list[str]:
         """Store the answers, all in one transaction; each request's new state."""
@@ -99,6 +97,18 @@ class Dispatcher:
             return record_attempts(
                 session, results, worker=self.name, policy=self.policy, now=utcnow(), rng=self.rng
             )
+
+
+def log_call(job: Job, reply: ZegoReply, late: float) -> None:
+    log.info(
+        "StopCloudTranscode task=%s seq=%s outcome=%s code=%s request_id=%s late_ms=%.1f",
+        job.task_id,
+        job.sequence,
+        reply.outcome,
+        reply.code,
+        reply.request_id,
+        1000 * late,
+    )
 
 
 def make_dispatcher(
@@ -110,8 +120,11 @@ def make_dispatcher(
         raise ApiError(503, "not_configured", "ZEGO_APP_ID and ZEGO_SERVER_SECRET must be set")
     return Dispatcher(
         sessions=sessions,
-        client=make_client(
-            settings.zego_api_url, settings.zego_app_id, settings.zego_server_secret
+        client_config=ClientConfig(
+            settings.zego_api_url,
+            settings.zego_app_id,
+            settings.zego_server_secret,
+            settings.zego_timeout,
         ),
         limiter=SharedRateLimiter(engine, RATE_LIMITER_NAME, settings.zego_rate_limit),
         policy=RetryPolicy(max_attempts=settings.stop_max_attempts),

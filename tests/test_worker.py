@@ -116,14 +116,16 @@ def test_claimed_requests_without_a_slot_go_back_untouched(
     assert Counter(rows.all()) == {("queued", None, 0): TASKS}
 
 
+@pytest.mark.parametrize("separate_process", [False, True], ids=["threads", "process"])
 def test_running_worker_sends_every_stop_once_and_lets_go_when_stopped(
     app: Flask,
     queued: list[str],
     fake_zego: FakeServer,
     db: Session,
     workers: list[StopWorker],
+    separate_process: bool,
 ) -> None:
-    worker = StopWorker(dispatcher(app), threads=2, batch=4)
+    worker = StopWorker(dispatcher(app), threads=2, batch=4, separate_process=separate_process)
     workers.append(worker)
     stop = threading.Event()
     thread = threading.Thread(target=worker.run_forever, args=(stop, 0.05))

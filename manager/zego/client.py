@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import requests
@@ -165,6 +165,19 @@ class ZegoClient:
     ) -> ZegoReply:
         elapsed = int((time.monotonic() - started) * 1000)
         return ZegoReply(outcome, code, message, request_id, http_status, elapsed)
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """What a process needs to make its own client (a worker's sender process does)."""
+
+    base_url: str
+    app_id: int
+    server_secret: str = field(repr=False)
+    timeout: tuple[float, float] = (3.05, 10.0)
+
+    def make(self) -> ZegoClient:
+        return make_client(self.base_url, self.app_id, self.server_secret, self.timeout)
 
 
 def make_client(
