@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -10,6 +10,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     CheckConstraint,
+    Date,
     DateTime,
     Float,
     ForeignKey,
@@ -142,6 +143,22 @@ class DeliveryHour(Base):
     duplicate: Mapped[int] = mapped_column(BigInteger)
     stale: Mapped[int] = mapped_column(BigInteger)
     rejected: Mapped[int] = mapped_column(BigInteger)
+
+
+class RunDay(Base):
+    """One UTC day of the runs, as `daily` reports it: daily's figures for a long window.
+
+    Written only for days that can no longer change (see manager/rollups.py), in one
+    unbroken run of days from the first run's.
+    """
+
+    __tablename__ = "run_days"
+
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    started: Mapped[int] = mapped_column(BigInteger)
+    stopped: Mapped[int] = mapped_column(BigInteger)
+    failed: Mapped[int] = mapped_column(BigInteger)
+    busy_us: Mapped[int] = mapped_column(BigInteger)
 
 
 class CallbackNonce(Base):

@@ -432,6 +432,51 @@ def daily(
 ) -> list[DayRow]:
     """Per UTC day of the window: runs started, stopped, failed, and transcoding seconds.
 
+    The whole days of the window that can no longer change come from run_days (see
+    manager/rollups.py), the rest is worked out from the runs by `day_figures`.
+    """
+    now = now or utcnow()
+    window = daily_window(window or Window(), now)
+    assert window.since is not None  # noqa: S101
+    assert window.until is not None  # noqa: S101
+    figures: list[rollups.DayFigures] | None = None
+    bind = session.get_bind()
+    first_whole = _ceil_day(window.since)
+    end_whole = min(window.until.date(), rollups.final_days_until(now))
+    if owner is None and isinstance(bind, Engine) and first_whole < end_whole:
+        stored = rollups.run_days(bind, first_whole, end_whole, now, final_day_figures)
+        if stored is not None:
+            head = day_figures(session, Window(window.since, _midnight(first_whole)), None, now)
+            tail = day_figures(session, Window(_midnight(end_whole), window.until), None, now)
+            figures = head + stored + tail
+    if figures is None:
+        figures = day_figures(session, window, owner, now)
+    return [
+        DayRow(day.isoformat(), started, stopped, failed, _seconds(busy_us))
+        for day, started, stopped, failed, busy_us in figures
+    ]
+
+
+def final_day_figures(
+    session: Session, start: date, end: date, now: datetime
+) -> list[rollups.DayFigures]:
+    """The figures of the whole days [start, end), for run_days."""
+    return day_figures(session, Window(_midnight(start), _midnight(end)), None, now)
+
+
+def _midnight(day: date) -> datetime:
+    return datetime.combine(day, time())
+
+
+def _ceil_day(value: datetime) -> date:
+    return value.date() if value == _midnight(value.date()) else value.date() + timedelta(days=1)
+
+
+def day_figures(
+    session: Session, window: Window, owner: str | None, now: datetime
+) -> list[rollups.DayFigures]:
+    """Per UTC day of [since, until): runs started, stopped, failed, busy microseconds.
+
     The seconds come from a sweep over the day boundaries, not from a join of every run
     with every day it touches: the runs overlapping the window, clipped to it (a running
     one to `now`), are grouped by (start day, end day). Each group adds to its start day
@@ -441,8 +486,6 @@ def daily(
     end day and summed up over the days in order. Runs started, stopped and failed are
     counted day by day, each a range of the index on started_at or ended_at.
     """
-    now = now or utcnow()
-    window = daily_window(window or Window(), now)
     assert window.since is not None  # noqa: S101
     assert window.until is not None  # noqa: S101
     n_days = day_count(window.since, window.until)
@@ -477,7 +520,14 @@ def daily(
                 end_day.label("b"),
                 start_offset.label("lo"),
                 end_offset.label("hi"),
-            ).where(TaskRun.started_at.is_not(None), hi > lo, *conditions)
+                # started_at < until follows from hi > lo; it lets the planner read a
+                # window near the start of the history by the started_at index.
+            ).where(
+                TaskRun.started_at.is_not(None),
+                TaskRun.started_at < _ts(until),
+                hi > lo,
+                *conditions,
+            )
         )
 
     branches = [clipped(TaskRun.ended_at, TaskRun.ended_at >= _ts(since))]
@@ -538,12 +588,12 @@ def daily(
         .order_by(days.c.k)
     )
     return [
-        DayRow(
-            (first + timedelta(days=int(day))).isoformat(),
+        (
+            first + timedelta(days=int(day)),
             int(n_started),
             int(n_stopped),
             int(n_failed),
-            _seconds(busy_us),
+            int(busy_us or 0),
         )
         for day, n_started, n_stopped, n_failed, busy_us in session.execute(query)
     ]

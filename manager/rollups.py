@@ -1,4 +1,6 @@
-"""Deliveries per UTC hour and verdict, kept for the hours that can no longer change.
+"""Figures kept for the past that can no longer change: delivery_hours and run_days.
+
+**delivery_hours**: deliveries per UTC hour and verdict.
 
 Counting a long window's deliveries row by row grows with the history (3,000,000 rows
 cost summary half a second). Most of any long window is whole hours that are over, and
@@ -13,28 +15,45 @@ their own (two at once write the same rows; the second's are ignored), always as
 unbroken run of hours from the first delivery's, so the latest row tells how far the
 run goes. When they cannot be written (a read-only database, a lock held too long),
 the report counts the deliveries themselves instead.
+
+**run_days**: `daily`'s figures per UTC day (runs started, stopped, failed, busy
+microseconds). Every time the webhook writes into a run is a ZEGOCLOUD Timestamp that
+passed the freshness check, so at most CALLBACK_MAX_AGE (7 days at most) before the
+moment it is written; a run still going counts up to `now`, which a final day is
+wholly before. So once a day has been over for RUN_DAYS_DELAY, no start, stop or
+change of a run can touch it any more, and its figures are final. They are written
+and read like delivery_hours, by `daily` (which supplies how to work them out).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import Any
+from datetime import date, datetime, timedelta
+from typing import Any, TypeAlias
 
 from sqlalchemy import Connection, Engine, func, select, union_all
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
 
 from .db import WRITE_OPTION
-from .models import VERDICTS, Delivery, DeliveryHour
+from .models import VERDICTS, Delivery, DeliveryHour, RunDay, TaskRun
 
 log = logging.getLogger(__name__)
 
 HOUR = timedelta(hours=1)
 SEAL_DELAY = timedelta(hours=1)
+DAY = timedelta(days=1)
+RUN_DAYS_DELAY = timedelta(days=7, hours=1)  # CALLBACK_MAX_AGE's limit, and an hour
 _INSERT_BATCH = 1000
+
+# (day, started, stopped, failed, busy microseconds)
+DayFigures: TypeAlias = tuple[date, int, int, int, int]
+# Works out the figures of the days [start, end) at `now`, in the session given.
+DayFiguresOf: TypeAlias = Callable[[Session, date, date, datetime], list[DayFigures]]
 
 
 @dataclass(frozen=True)
@@ -81,10 +100,7 @@ def fill(engine: Engine, now: datetime) -> datetime | None:
         while hour < until:
             rows.append({"hour": hour, **counts.get(hour, dict.fromkeys(VERDICTS, 0))})
             hour += HOUR
-        insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
-        for at in range(0, len(rows), _INSERT_BATCH):
-            batch = rows[at : at + _INSERT_BATCH]
-            conn.execute(insert(DeliveryHour).on_conflict_do_nothing(), batch)
+        _insert(conn, DeliveryHour, rows)
         return until
 
 
@@ -120,6 +136,89 @@ def hour_counts(
         return None
     counts = {verdict: int(n or 0) for verdict, n in zip(VERDICTS, sums, strict=True)}
     return HourCounts(start if start is not None else first, end, counts)
+
+
+def final_days_until(now: datetime) -> date:
+    """The first day whose runs may still change; the days before it are final."""
+    return (now - RUN_DAYS_DELAY).date()
+
+
+def fill_run_days(engine: Engine, now: datetime, figures_of: DayFiguresOf) -> date | None:
+    """Write the rows of the final days not written yet; the end of the run, if any."""
+    until = final_days_until(now)
+    options = {WRITE_OPTION: True}
+    with engine.connect().execution_options(**options) as conn, conn.begin():
+        last = conn.scalar(select(func.max(RunDay.day)))
+        if last is not None:
+            start = last + DAY
+        else:
+            first = _first_run_time(conn)
+            if first is None:
+                return None
+            start = first.date()
+        if start >= until:
+            return start if last is not None else None
+        with Session(bind=conn) as session:
+            figures = figures_of(session, start, until, now)
+        rows = [
+            {"day": day, "started": s, "stopped": st, "failed": f, "busy_us": us}
+            for day, s, st, f, us in figures
+        ]
+        _insert(conn, RunDay, rows)
+        return until
+
+
+def run_days(
+    engine: Engine, start: date, end: date, now: datetime, figures_of: DayFiguresOf
+) -> list[DayFigures] | None:
+    """The figures of the final days [start, end), every day; None if they cannot be had.
+
+    Writes the rows it needs first. Days before the first run's have none: all zero.
+    """
+    try:
+        written_until = fill_run_days(engine, now, figures_of)
+    except DBAPIError:
+        log.warning("could not write run_days; working the days out from the runs")
+        return None
+    if written_until is None or end > written_until:
+        return None
+    with engine.connect() as conn:
+        first = conn.scalar(select(func.min(RunDay.day)))
+        rows = conn.execute(
+            select(RunDay.day, RunDay.started, RunDay.stopped, RunDay.failed, RunDay.busy_us)
+            .where(RunDay.day >= start, RunDay.day < end)
+            .order_by(RunDay.day)
+        ).all()
+    stored = {row[0]: tuple(int(v) for v in row[1:]) for row in rows}
+    out: list[DayFigures] = []
+    day = start
+    while day < end:
+        if day in stored:
+            started, stopped, failed, busy = stored[day]
+            out.append((day, started, stopped, failed, busy))
+        elif first is None or day < first:
+            out.append((day, 0, 0, 0, 0))
+        else:
+            return None  # a gap: never written so; work it out instead
+        day += DAY
+    return out
+
+
+def _insert(conn: Connection, table: Any, rows: list[dict[str, Any]]) -> None:
+    """Insert rows another process may have inserted already: theirs stay."""
+    insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    for at in range(0, len(rows), _INSERT_BATCH):
+        conn.execute(insert(table).on_conflict_do_nothing(), rows[at : at + _INSERT_BATCH])
+
+
+def _first_run_time(conn: Connection) -> datetime | None:
+    # Two index lookups: the earliest start and the earliest end.
+    firsts = [
+        conn.scalar(select(func.min(TaskRun.started_at))),
+        conn.scalar(select(func.min(TaskRun.ended_at))),
+    ]
+    known = [_as_datetime(t) for t in firsts if t is not None]
+    return min(known) if known else None
 
 
 def _first_received(conn: Connection) -> datetime | None:

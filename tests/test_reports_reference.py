@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from datetime import datetime, time, timedelta
 from typing import Any
 
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from manager import reporting
-from manager.models import Task, TaskRun
+from manager.models import RunDay, Task, TaskRun
 from manager.reporting import DayRow, OwnerRow, Window
 
 BASE = datetime(2025, 6, 1)
@@ -199,6 +200,18 @@ def test_daily_and_owners_match_the_reference(app: Any, db: Session) -> None:
         got_owners = list(reporting.owners(db, window, now=now))
         db.rollback()
         assert got_owners == expected_owners(runs, statuses, window, now), (window, now)
+    # Long after the runs, every day of them is final: daily takes the whole days of
+    # each window from run_days and works out only the partial days at its ends.
+    later = BASE + timedelta(days=SPAN_DAYS + 30)
+    for _ in range(15):
+        window, _now = random_window(rng)
+        assert reporting.daily(db, window, now=later) == expected_daily(runs, window, later)
+        db.rollback()
+    assert db.scalar(select(func.count()).select_from(RunDay)) > 0, "run_days never used"
+    db.rollback()
+    everything = Window(BASE - timedelta(days=2, hours=5), later)
+    assert reporting.daily(db, everything, now=later) == expected_daily(runs, everything, later)
+    db.rollback()
     open_ended = list(reporting.owners(db, Window(), now=BASE + timedelta(days=SPAN_DAYS + 1)))
     db.rollback()
     assert open_ended == expected_owners(

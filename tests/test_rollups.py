@@ -1,4 +1,4 @@
-"""delivery_hours: summary's delivery counts from hourly rows agree with counting every row."""
+"""delivery_hours and run_days: figures kept for the final past agree with working them out."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from manager import reporting, rollups
 from manager.db import make_engine
-from manager.models import VERDICTS, Delivery, DeliveryHour
+from manager.models import VERDICTS, Delivery, DeliveryHour, RunDay, Task, TaskRun
 from manager.reporting import Window
 from manager.rollups import HOUR, SEAL_DELAY
 
@@ -145,3 +145,70 @@ def test_read_only_database_counts_every_row(app: Any, db: Session, database_url
     finally:
         engine.dispose()
     assert db.scalar(select(func.count()).select_from(DeliveryHour)) == 0
+
+
+# --- run_days -----------------------------------------------------------------------------
+
+
+def add_run(db: Session, start: datetime, end: datetime | None) -> None:
+    task = Task(
+        app_id=1, task_id=f"t-{start.isoformat()}", owner="o", status="stopped", state_seq=1,
+        state_rank=1, max_seq=1, run_floor_seq=0, runs=1, first_seen_at=start, updated_at=start,
+    )  # fmt: skip
+    db.add(task)
+    db.flush()
+    db.add(TaskRun(task_pk=task.id, run_no=1, owner="o", started_at=start, ended_at=end,
+                   stop_reason=None if end is None else 0))  # fmt: skip
+    db.commit()
+
+
+def day_rows(db: Session) -> list[Any]:
+    db.rollback()
+    return list(db.execute(select(RunDay).order_by(RunDay.day)).scalars())
+
+
+def test_run_days_only_for_days_over_for_longer_than_callbacks_can_reach_back(
+    app: Any, db: Session
+) -> None:
+    for i in range(12):
+        add_run(db, START - timedelta(days=9) + i * timedelta(hours=19), None)
+    window = Window(START - timedelta(days=10), NOW)
+    rows = reporting.daily(db, window, now=NOW)
+    stored = day_rows(db)
+    assert stored, "run_days were never written"
+    assert stored[-1].day == rollups.final_days_until(NOW) - timedelta(days=1)
+    last_day_end = datetime.combine(stored[-1].day + timedelta(days=1), datetime.min.time())
+    assert last_day_end <= NOW - timedelta(days=7), "a day written while callbacks may reach it"
+    # Stored days give the same figures the runs do.
+    db.rollback()
+    worked_out = reporting.day_figures(db, reporting.daily_window(window, NOW), None, NOW)
+    assert [(row.started, row.stopped, row.failed) for row in rows] == [
+        (started, stopped, failed) for _, started, stopped, failed, _ in worked_out
+    ]
+    assert [row.transcoding_seconds for row in rows] == [
+        (us + 500_000) // 1_000_000 for *_, us in worked_out
+    ]
+
+
+def test_run_days_none_without_final_days(app: Any, db: Session) -> None:
+    add_run(db, NOW - timedelta(days=2), NOW - timedelta(days=1))
+    reporting.daily(db, Window(NOW - timedelta(days=3), NOW), now=NOW)
+    assert day_rows(db) == []
+
+
+@pytest.mark.postgres
+def test_read_only_database_works_the_days_out(app: Any, db: Session, database_url: str) -> None:
+    for i in range(5):
+        add_run(db, START - timedelta(days=20) + i * timedelta(days=1, hours=3), None)
+    engine = make_engine(
+        database_url, connect_args={"options": "-c default_transaction_read_only=on"}
+    )
+    window = Window(START - timedelta(days=21), NOW)
+    try:
+        with Session(engine) as session:
+            read_only = reporting.daily(session, window, now=NOW)
+    finally:
+        engine.dispose()
+    assert day_rows(db) == []
+    assert read_only == reporting.daily(db, window, now=NOW)
+    assert day_rows(db), "run_days were never written"
