@@ -1,16 +1,17 @@
 """The task state rules of SPEC 3.2: apply one verified callback to its task.
 
 Concurrency: the nonce ledger and the duplicate key are unique constraints
-claimed with INSERT … ON CONFLICT DO NOTHING, and the task row is locked (by
-INSERT … ON CONFLICT DO UPDATE on PostgreSQL; SQLite transactions start with
-BEGIN IMMEDIATE) before the ordering rules read it. Locks are always taken in
-the order nonce, task, event key, so concurrent deliveries cannot deadlock, and
-the result is the same as some serial order.
+claimed with INSERT … ON CONFLICT DO NOTHING, and the task row is locked (created
+by INSERT … ON CONFLICT DO NOTHING, or else locked by SELECT … FOR UPDATE, on
+PostgreSQL; SQLite transactions start with BEGIN IMMEDIATE) before the ordering
+rules read it. Locks are always taken in the order nonce, task, event key, so
+concurrent deliveries cannot deadlock, and the result is the same as some serial
+order.
 
 The rules (`apply_to_task`) run in Python on a `TaskState`, a plain copy of the
 locked row, for every backend. Around them this is the hot path of the service,
-so it runs statements built once, at import, on the session's connection: on
-PostgreSQL one statement claims the nonce and upserts and locks the task, and one
+so it runs statements built once, at import, on the caller's connection: on
+PostgreSQL one statement claims the nonce and creates or locks the task, and one
 records the delivery and writes the task back only if the delivery's event key
 was free; SQLite, which has no data-modifying CTEs, takes a few more statements.
 """
