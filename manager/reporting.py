@@ -658,8 +658,13 @@ def flatten(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def _stream(session: Session, query: _Query) -> Iterator[Any]:
-    """Rows from a server-side cursor, fetched in batches, so memory stays flat."""
-    result = session.execute(query.execution_options(yield_per=STREAM_BATCH))
+    """Rows from a server-side cursor, fetched in batches, so memory stays flat.
+
+    Through the session's connection (Core): these rows are tuples, and the ORM's
+    per-row handling costs as much again as the rest of the Python side.
+    """
+    connection = session.connection()
+    result = connection.execute(query.execution_options(yield_per=STREAM_BATCH))
     try:
         yield from result
     finally:
