@@ -32,6 +32,11 @@ KNOWN_VARIABLES = frozenset(
 )
 
 
+# The most CALLBACK_MAX_AGE may be, in seconds. manager/rollups.py relies on it: no
+# callback older than this can change a run, so the days before are final.
+MAX_CALLBACK_MAX_AGE = 86_400 * 7
+
+
 class ConfigError(ValueError):
     """A configuration value is missing or invalid; the message names the variable."""
 
@@ -71,7 +76,7 @@ class Settings:
             callback_secrets=_secret_list(merged.get("ZEGO_CALLBACK_SECRET", "")),
             zego_api_url=_url(merged, "ZEGO_API_URL", DEFAULT_API_URL),
             zego_rate_limit=_int(merged, "ZEGO_RATE_LIMIT", 100, 1, 100_000),
-            callback_max_age=_int(merged, "CALLBACK_MAX_AGE", 300, 1, 86_400 * 7),
+            callback_max_age=_int(merged, "CALLBACK_MAX_AGE", 300, 1, MAX_CALLBACK_MAX_AGE),
             stop_max_attempts=_int(merged, "STOP_MAX_ATTEMPTS", 8, 1, 1000),
         )
 

@@ -39,6 +39,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from .config import MAX_CALLBACK_MAX_AGE
 from .db import WRITE_OPTION
 from .models import VERDICTS, Delivery, DeliveryHour, RunDay, TaskRun
 
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 HOUR = timedelta(hours=1)
 SEAL_DELAY = timedelta(hours=1)
 DAY = timedelta(days=1)
-RUN_DAYS_DELAY = timedelta(days=7, hours=1)  # CALLBACK_MAX_AGE's limit, and an hour
+RUN_DAYS_DELAY = timedelta(seconds=MAX_CALLBACK_MAX_AGE, hours=1)
 _INSERT_BATCH = 1000
 
 # (day, started, stopped, failed, busy microseconds)
