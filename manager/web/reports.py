@@ -7,6 +7,7 @@ import io
 import itertools
 import json
 from collections.abc import Iterable, Iterator, Sequence
+from datetime import datetime
 from typing import Any
 
 from flask import Blueprint, Response, current_app, request
@@ -133,7 +134,7 @@ def _closing(rows: Iterator[list[Any]], session: Session) -> Iterator[list[Any]]
 
 
 def _plain(values: Sequence[Any]) -> list[Any]:
-    return [iso(v) if hasattr(v, "isoformat") and not isinstance(v, str) else v for v in values]
+    return [iso(v) if isinstance(v, datetime) else v for v in values]
 
 
 def _json_response(body: dict[str, Any]) -> Response:
