@@ -60,13 +60,20 @@ def driver_execute(conn: Connection, statement: str, params: Mapping[str, Any]) 
 
     For the few statements of a hot path: it skips SQLAlchemy's per-execution set-up
     (compiled-cache lookup, bind and result processing), which costs several times the
-    driver's own work. Errors still surface as SQLAlchemy's DBAPIError, and a connection
-    found dead is invalidated, with the rest of the pool, as Connection.execute would.
+    driver's own work. Each DBAPI connection keeps one cursor per statement, so that
+    psycopg's adaptation state for the statement (it is kept while a cursor runs the
+    same query object again) is reused: pass module-level constants. Errors still
+    surface as SQLAlchemy's DBAPIError, and a connection found dead is invalidated,
+    with the rest of the pool, as Connection.execute would.
     """
     dbapi = conn.dialect.loaded_dbapi
     proxied = conn.connection
-    cursor = proxied.cursor()
+    # Dropped with the DBAPI connection (a pool's info dict goes with it).
+    cursors: dict[str, Any] = proxied.info.setdefault(_CURSORS, {})
+    cursor = cursors.get(statement)
     try:
+        if cursor is None:
+            cursor = cursors[statement] = proxied.cursor()
         cursor.execute(statement, params)
         return cursor.fetchone()
     except dbapi.Error as exc:
@@ -78,5 +85,6 @@ def driver_execute(conn: Connection, statement: str, params: Mapping[str, Any]) 
         raise DBAPIError.instance(
             statement, params, exc, dbapi.Error, connection_invalidated=invalidated
         ) from exc
-    finally:
-        cursor.close()
+
+
+_CURSORS = "manager.driver_cursors"
