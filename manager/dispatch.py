@@ -1,7 +1,8 @@
 """Send stop attempts: take a shared rate slot, call ZEGOCLOUD, record the answer.
 
 Used by the stop endpoint (one attempt, waiting briefly for a slot) and by the
-worker (many attempts, in threads). No database transaction is open during the call.
+worker (many attempts, slotted ahead and sent by its sender threads or process,
+see worker.py). No database transaction is open during the call.
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ class Dispatcher:
 
         Up to SEND_TOLERANCE late; a clock offset known less well than CLOCK_ERROR
         narrows the window from both sides, so that the call still lands within the
-        spread ratelimit.py budgets for.
+        spread ratelimit.py budgets for (and closes it, sending nothing, when the
+        database is too slow to tell its time within SEND_TOLERANCE / 2 more).
         """
         margin = max(0.0, self.limiter.clock_error() - CLOCK_ERROR)
         return slot + margin, slot + SEND_TOLERANCE - margin
