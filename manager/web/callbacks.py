@@ -90,31 +90,42 @@ def _read_body() -> tuple[bytes, int]:
 
     A body over the cap comes back empty, with a size above MAX_BODY_BYTES.
     """
-    declared = request.content_length
-    if declared is not None and declared > MAX_BODY_BYTES:
-        # The client's claim, unread; capped so that it fits the Integer column.
-        return b"", min(declared, INT32_MAX)
     environ = request.environ
-    if declared is None and environ.get("wsgi.input_terminated"):
+    declared = request.content_length
+    if declared is not None:
+        if declared > MAX_BODY_BYTES:
+            # The client's claim, unread; capped so that it fits the Integer column.
+            return b"", min(declared, INT32_MAX)
+        # The common case: the declared length, straight from the server's stream
+        # (never past the end of this request); shorter if the client sent less.
+        raw = _read(environ["wsgi.input"], declared)
+        return raw, len(raw)
+    if environ.get("wsgi.input_terminated"):
         # Chunked: the server ends the stream where the chunks end. Werkzeug's own
         # limited stream would return the first 64 KiB of a larger body as if whole.
         stream = environ["wsgi.input"]
     else:
         stream = request.stream
+    try:
+        raw = _read(stream, MAX_BODY_BYTES + 1)
+    except RequestEntityTooLarge:
+        return b"", MAX_BODY_BYTES + 1
+    if len(raw) > MAX_BODY_BYTES:
+        return b"", MAX_BODY_BYTES + 1
+    return raw, len(raw)
+
+
+def _read(stream: Any, limit: int) -> bytes:
+    """Up to `limit` bytes: until the limit or the end of the stream."""
     chunks: list[bytes] = []
     size = 0
-    try:
-        while size <= MAX_BODY_BYTES:
-            chunk = stream.read(MAX_BODY_BYTES + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-    except RequestEntityTooLarge:
-        size = MAX_BODY_BYTES + 1
-    if size > MAX_BODY_BYTES:
-        return b"", MAX_BODY_BYTES + 1
-    return b"".join(chunks), size
+    while size < limit:
+        chunk = stream.read(limit - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 def _reject(exc: CallbackError, raw: bytes, size: int, received_at: Any) -> tuple[Response, int]:
