@@ -239,6 +239,14 @@ class StopWorker:
             return ProcessSenders(self.dispatcher.client_config, self.threads)
         return ThreadSenders(self.dispatcher.client, self.threads)
 
+    def _restart_senders(self) -> None:
+        # What the dead process held stays claimed until the leases expire, then goes
+        # out again with a new Sequence: whether it was sent cannot be known.
+        log.error("sender process died holding %d calls; starting another", self._outstanding)
+        self._outstanding = 0
+        self._senders.close()
+        self._senders = self._start_senders()
+
     def requeue_stuck(self) -> None:
         with write_transaction(self.dispatcher.sessions) as session:
             for task in stuck_stopping(session, utcnow()):
@@ -274,7 +282,12 @@ class StopWorker:
         self._release(expired)
         for (job, send_by), slot in zip(waiting, slots or [], strict=True):
             earliest, latest = self.dispatcher.send_window(slot)
-            self._senders.submit(Slotted(job, earliest, latest, send_by))
+            item = Slotted(job, earliest, latest, send_by)
+            try:
+                self._senders.submit(item)
+            except SenderDied:
+                self._restart_senders()
+                self._senders.submit(item)  # a late start only makes it miss its slot
             self._outstanding += 1
             self._last_slot = max(self._last_slot, slot)
 
@@ -284,11 +297,7 @@ class StopWorker:
         try:
             taken = self._senders.take(timeout)
         except SenderDied:
-            # What it held stays claimed until the leases expire, then goes out again
-            # with a new Sequence: whether it was sent cannot be known.
-            log.exception("sender process died with %d calls; starting another", self._outstanding)
-            self._outstanding = 0
-            self._senders = self._start_senders()
+            self._restart_senders()
             return 0
         for sent in taken:
             self._outstanding -= 1

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from manager.dispatch import Dispatcher, make_dispatcher
 from manager.models import StopAttempt, StopRequest
 from manager.ratelimit import SharedRateLimiter
-from manager.worker import StopWorker
+from manager.worker import ProcessSenders, StopWorker
 from manager.zego.fake import FakeServer
 
 from .conftest import callback
@@ -140,5 +140,25 @@ def test_running_worker_sends_every_stop_once_and_lets_go_when_stopped(
     assert not thread.is_alive()
     assert stop_calls(fake_zego) == dict.fromkeys(queued, 1)
     # Stopping drains: every answer is recorded and no claim is left behind.
+    rows = db.execute(select(StopRequest.state, StopRequest.claimed_by, StopRequest.attempts))
+    assert Counter(rows.all()) == {("succeeded", None, 1): TASKS}
+
+
+def test_a_dead_sender_process_is_replaced(
+    app: Flask,
+    queued: list[str],
+    fake_zego: FakeServer,
+    db: Session,
+    workers: list[StopWorker],
+) -> None:
+    worker = StopWorker(dispatcher(app), threads=2, batch=TASKS, separate_process=True)
+    workers.append(worker)
+    senders = worker._senders
+    assert isinstance(senders, ProcessSenders)
+    senders._process.kill()
+    senders._process.join()
+    assert worker.run_once() == TASKS
+    assert worker._senders is not senders
+    assert stop_calls(fake_zego) == dict.fromkeys(queued, 1)
     rows = db.execute(select(StopRequest.state, StopRequest.claimed_by, StopRequest.attempts))
     assert Counter(rows.all()) == {("succeeded", None, 1): TASKS}
