@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 from .config import Settings
 from .db import make_engine, make_session_factory
 from .errors import register_error_handlers
+from .web.cookie_sessions import CookieSessionInterface
 
 if TYPE_CHECKING:
     from .dispatch import Dispatcher
@@ -28,6 +29,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.config["SESSION_COOKIE_HTTPONLY"] = True
     app.config["SESSION_COOKIE_SAMESITE"] = "Lax"
+    app.session_interface = CookieSessionInterface()
     if settings.is_sqlite:
         os.makedirs(app.instance_path, exist_ok=True)
 
