@@ -28,7 +28,7 @@ and read like delivery_hours, by `daily` (which supplies how to work them out).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any, TypeAlias
@@ -82,27 +82,14 @@ def final_until(now: datetime) -> datetime:
 
 def fill(engine: Engine, now: datetime) -> datetime | None:
     """Write the rows of the final hours not written yet; the end of the run, if any."""
-    until = final_until(now)
-    options = {WRITE_OPTION: True}
-    with engine.connect().execution_options(**options) as conn, conn.begin():
-        last = conn.scalar(select(func.max(DeliveryHour.hour)))
-        if last is not None:
-            start = last + HOUR
-        else:
-            first = _first_received(conn)
-            if first is None:
-                return None
-            start = floor_hour(first)
-        if start >= until:
-            return start if last is not None else None
+
+    def rows(conn: Connection, start: datetime, until: datetime) -> list[dict[str, Any]]:
         counts = _count_by_hour(conn, start, until)
-        rows: list[dict[str, Any]] = []
-        hour = start
-        while hour < until:
-            rows.append({"hour": hour, **counts.get(hour, dict.fromkeys(VERDICTS, 0))})
-            hour += HOUR
-        _insert(conn, DeliveryHour, rows)
-        return until
+        zero = dict.fromkeys(VERDICTS, 0)
+        return [{"hour": hour, **counts.get(hour, zero)} for hour in _steps(start, until, HOUR)]
+
+    until = final_until(now)
+    return _extend(engine, DeliveryHour.hour, HOUR, _first_received_hour, until, rows)
 
 
 def hour_counts(
@@ -146,27 +133,47 @@ def final_days_until(now: datetime) -> date:
 
 def fill_run_days(engine: Engine, now: datetime, figures_of: DayFiguresOf) -> date | None:
     """Write the rows of the final days not written yet; the end of the run, if any."""
-    until = final_days_until(now)
-    options = {WRITE_OPTION: True}
-    with engine.connect().execution_options(**options) as conn, conn.begin():
-        last = conn.scalar(select(func.max(RunDay.day)))
-        if last is not None:
-            start = last + DAY
-        else:
-            first = _first_run_time(conn)
-            if first is None:
-                return None
-            start = first.date()
-        if start >= until:
-            return start if last is not None else None
+
+    def rows(conn: Connection, start: date, until: date) -> list[dict[str, Any]]:
         with Session(bind=conn) as session:
             figures = figures_of(session, start, until, now)
-        rows = [
+        return [
             {"day": day, "started": s, "stopped": st, "failed": f, "busy_us": us}
             for day, s, st, f, us in figures
         ]
-        _insert(conn, RunDay, rows)
+
+    return _extend(engine, RunDay.day, DAY, _first_run_day, final_days_until(now), rows)
+
+
+def _extend(
+    engine: Engine,
+    key: Any,
+    step: timedelta,
+    first_of: Callable[[Connection], Any],
+    until: Any,
+    rows_for: Callable[[Connection, Any, Any], list[dict[str, Any]]],
+) -> Any:
+    """Write the rows from the last one written (or the first of the data) up to until.
+
+    In a write transaction of its own; returns the end of the unbroken run of rows,
+    or None when there are none.
+    """
+    options = {WRITE_OPTION: True}
+    with engine.connect().execution_options(**options) as conn, conn.begin():
+        last = conn.scalar(select(func.max(key)))
+        start = last + step if last is not None else first_of(conn)
+        if start is None:
+            return None
+        if start >= until:
+            return start if last is not None else None
+        _insert(conn, key.class_, rows_for(conn, start, until))
         return until
+
+
+def _steps(start: Any, until: Any, step: timedelta) -> Iterator[Any]:
+    while start < until:
+        yield start
+        start += step
 
 
 def run_days(
@@ -212,17 +219,17 @@ def _insert(conn: Connection, table: Any, rows: list[dict[str, Any]]) -> None:
         conn.execute(insert(table).on_conflict_do_nothing(), rows[at : at + _INSERT_BATCH])
 
 
-def _first_run_time(conn: Connection) -> datetime | None:
+def _first_run_day(conn: Connection) -> date | None:
     # Two index lookups: the earliest start and the earliest end.
     firsts = [
         conn.scalar(select(func.min(TaskRun.started_at))),
         conn.scalar(select(func.min(TaskRun.ended_at))),
     ]
     known = [_as_datetime(t) for t in firsts if t is not None]
-    return min(known) if known else None
+    return min(known).date() if known else None
 
 
-def _first_received(conn: Connection) -> datetime | None:
+def _first_received_hour(conn: Connection) -> datetime | None:
     # One index lookup per verdict: the index on deliveries leads with the verdict.
     firsts = union_all(
         *(
@@ -231,7 +238,7 @@ def _first_received(conn: Connection) -> datetime | None:
         )
     ).subquery("firsts")
     first = conn.scalar(select(func.min(firsts.c.first)))
-    return _as_datetime(first) if first is not None else None
+    return floor_hour(_as_datetime(first)) if first is not None else None
 
 
 def _count_by_hour(
