@@ -208,7 +208,12 @@ def worker_command(once: bool, threads: int) -> None:
     # A long-running worker sends from a process of its own, where no database work
     # holds the GIL when a slot comes; a single pass sends from threads of this one.
     sys.setswitchinterval(SWITCH_INTERVAL)
-    worker = StopWorker(dispatcher, threads=threads, separate_process=not once)
+    worker = StopWorker(
+        dispatcher,
+        threads=threads,
+        separate_process=not once,
+        nonce_max_age=ext["manager.settings"].callback_max_age,
+    )
     try:
         if once:
             click.echo(f"{worker.run_once()} attempts made")

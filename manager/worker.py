@@ -20,6 +20,7 @@ from typing import Protocol
 
 from .db import write_transaction
 from .dispatch import Dispatcher, log_call, send_in_window
+from .housekeeping import prune_nonces
 from .lifecycle import utcnow
 from .stopping import Job, claim_due, queue_restop, release, stuck_stopping
 from .zego.client import ClientConfig, ZegoClient, ZegoReply
@@ -220,8 +221,11 @@ class StopWorker:
         batch: int = 16,
         *,
         separate_process: bool = False,
+        nonce_max_age: int | None = None,
     ) -> None:
         self.dispatcher = dispatcher
+        # CALLBACK_MAX_AGE, to keep the nonce ledger to its window; None leaves it be.
+        self.nonce_max_age = nonce_max_age
         self.threads = threads
         self.batch = batch
         self.separate_process = separate_process
@@ -252,6 +256,15 @@ class StopWorker:
             for task in stuck_stopping(session, utcnow()):
                 if queue_restop(session, task, utcnow()):
                     log.warning("task %s still stopping: queued another stop", task.task_id)
+
+    def tidy(self) -> None:
+        """Re-queue stuck tasks, and keep the nonce ledger to its window."""
+        self.requeue_stuck()
+        if self.nonce_max_age is not None:
+            with write_transaction(self.dispatcher.sessions) as session:
+                pruned = prune_nonces(session, utcnow(), self.nonce_max_age)
+            if pruned:
+                log.info("deleted %d callback nonces older than the freshness window", pruned)
 
     def claim(self, limit: int) -> int:
         """Claim up to `limit` due requests, to be slotted; returns how many."""
@@ -329,8 +342,8 @@ class StopWorker:
                     release(session, job.stop_request_id)
 
     def run_once(self) -> int:
-        """Re-queue stuck tasks, then claim and send one batch; returns attempts recorded."""
-        self.requeue_stuck()
+        """Tidy up, then claim and send one batch; returns attempts recorded."""
+        self.tidy()
         self.claim(self.batch)
         made = 0
         while self._unslotted or self._outstanding:
@@ -348,7 +361,7 @@ class StopWorker:
             idle = False
             try:
                 if time.monotonic() - last_restop_check > idle_sleep * 10:
-                    self.requeue_stuck()
+                    self.tidy()
                     last_restop_check = time.monotonic()
                 self.collect(timeout=0)
                 if self._last_slot - time.monotonic() < LOOKAHEAD:
