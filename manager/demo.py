@@ -125,7 +125,7 @@ class Demo:
         response = self.api("post", "/api/stops", json={"all_running": True, "reason": "demo"})
         batch = response.json()["batch"]
         self.say(f"   batch {batch['id']}: {batch['total']} stop requests for the worker")
-        self.show_after(4)
+        self.show_when_settled(timeout=60)
         summary = self.api("get", "/api/reports/summary")
         if summary.status_code == 200:
             self.say(f"\nsummary report: {summary.json()}")
@@ -136,7 +136,21 @@ class Demo:
 
     def show_after(self, seconds: float) -> None:
         time.sleep(seconds)
-        tasks = self.api("get", "/api/tasks").json()["tasks"]
+        self.show(self.api("get", "/api/tasks").json()["tasks"])
+
+    def show_when_settled(self, timeout: float) -> None:
+        """Show the tasks once none is running or stopping (or the timeout is up): the
+        worker's stops and the fake's callbacks take longer on a busy machine."""
+        deadline = time.monotonic() + timeout
+        while True:
+            time.sleep(1)
+            tasks = self.api("get", "/api/tasks").json()["tasks"]
+            settled = all(task["status"] not in ("running", "stopping") for task in tasks)
+            if settled or time.monotonic() > deadline:
+                self.show(tasks)
+                return
+
+    def show(self, tasks: list[dict[str, Any]]) -> None:
         for task in sorted(tasks, key=lambda t: t["task_id"]):
             self.say(
                 f"   {task['task_id']:<8} {task['owner']:<8} {task['status']:<9} "
