@@ -34,14 +34,13 @@ from datetime import date, datetime, timedelta
 from typing import Any, TypeAlias
 
 from sqlalchemy import Connection, Engine, func, select, union_all
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from .config import MAX_CALLBACK_MAX_AGE
-from .db import WRITE_OPTION
+from .db import write_connection
 from .models import VERDICTS, Delivery, DeliveryHour, RunDay, TaskRun
+from .sqlutil import insert_ignore_rows
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +48,6 @@ HOUR = timedelta(hours=1)
 SEAL_DELAY = timedelta(hours=1)
 DAY = timedelta(days=1)
 RUN_DAYS_DELAY = timedelta(seconds=MAX_CALLBACK_MAX_AGE, hours=1)
-_INSERT_BATCH = 1000
 
 # (day, started, stopped, failed, busy microseconds)
 DayFigures: TypeAlias = tuple[date, int, int, int, int]
@@ -158,15 +156,14 @@ def _extend(
     In a write transaction of its own; returns the end of the unbroken run of rows,
     or None when there are none.
     """
-    options = {WRITE_OPTION: True}
-    with engine.connect().execution_options(**options) as conn, conn.begin():
+    with write_connection(engine) as conn:
         last = conn.scalar(select(func.max(key)))
         start = last + step if last is not None else first_of(conn)
         if start is None:
             return None
         if start >= until:
             return start if last is not None else None
-        _insert(conn, key.class_, rows_for(conn, start, until))
+        insert_ignore_rows(conn, key.class_, rows_for(conn, start, until))
         return until
 
 
@@ -199,8 +196,7 @@ def run_days(
         ).all()
     stored = {row[0]: tuple(int(v) for v in row[1:]) for row in rows}
     out: list[DayFigures] = []
-    day = start
-    while day < end:
+    for day in _steps(start, end, DAY):
         if day in stored:
             started, stopped, failed, busy = stored[day]
             out.append((day, started, stopped, failed, busy))
@@ -208,15 +204,7 @@ def run_days(
             out.append((day, 0, 0, 0, 0))
         else:
             return None  # a gap: never written so; work it out instead
-        day += DAY
     return out
-
-
-def _insert(conn: Connection, table: Any, rows: list[dict[str, Any]]) -> None:
-    """Insert rows another process may have inserted already: theirs stay."""
-    insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
-    for at in range(0, len(rows), _INSERT_BATCH):
-        conn.execute(insert(table).on_conflict_do_nothing(), rows[at : at + _INSERT_BATCH])
 
 
 def _first_run_day(conn: Connection) -> date | None:
