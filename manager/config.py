@@ -11,6 +11,8 @@ from urllib.parse import urlparse
 
 from dotenv import dotenv_values
 
+from .zego.client import DEFAULT_TIMEOUT
+
 DEFAULT_API_URL = "https://rtc-api.zego.im/"
 UINT32_MAX = 2**32 - 1
 
@@ -53,7 +55,7 @@ class Settings:
     callback_max_age: int = 300
     stop_max_attempts: int = 8
     # (connect, read) seconds for ZEGOCLOUD API calls; not an environment variable.
-    zego_timeout: tuple[float, float] = (3.05, 10.0)
+    zego_timeout: tuple[float, float] = DEFAULT_TIMEOUT
 
     @classmethod
     def from_env(

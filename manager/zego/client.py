@@ -15,6 +15,9 @@ from .signing import api_signature, new_nonce
 log = logging.getLogger(__name__)
 
 Outcome = Literal["success", "retryable", "permanent"]
+# (connect, read) seconds; the connect timeout is just over a multiple of 3 s, TCP's
+# retransmission window, as requests' documentation advises.
+DEFAULT_TIMEOUT = (3.05, 10.0)
 
 # SPEC 3.3 and zego-reference.md section 7: worth another try later.
 RETRYABLE_CODES = frozenset(
@@ -67,7 +70,7 @@ class ZegoClient:
         app_id: int,
         server_secret: str,
         *,
-        timeout: tuple[float, float] = (3.05, 10.0),
+        timeout: tuple[float, float] = DEFAULT_TIMEOUT,
         clock: Callable[[], float] = time.time,
         nonce: Callable[[], str] = new_nonce,
     ) -> None:
@@ -174,14 +177,14 @@ class ClientConfig:
     base_url: str
     app_id: int
     server_secret: str = field(repr=False)
-    timeout: tuple[float, float] = (3.05, 10.0)
+    timeout: tuple[float, float] = DEFAULT_TIMEOUT
 
     def make(self) -> ZegoClient:
         return make_client(self.base_url, self.app_id, self.server_secret, self.timeout)
 
 
 def make_client(
-    base_url: str, app_id: int, server_secret: str, timeout: tuple[float, float] = (3.05, 10.0)
+    base_url: str, app_id: int, server_secret: str, timeout: tuple[float, float] = DEFAULT_TIMEOUT
 ) -> ZegoClient:
     """A client with its own pooled Session, as the service uses it."""
     http = requests.Session()
