@@ -4,14 +4,14 @@ Concurrency: the nonce ledger and the duplicate key are unique constraints
 claimed with INSERT … ON CONFLICT DO NOTHING, and the task row is locked (created
 by INSERT … ON CONFLICT DO NOTHING, or else locked by SELECT … FOR UPDATE, on
 PostgreSQL; SQLite transactions start with BEGIN IMMEDIATE) before the ordering
-rules read it. Locks are always taken in the order nonce, task, event key, so
-concurrent deliveries cannot deadlock, and the result is the same as some serial
-order.
+rules read it. Locks are always taken in the order task, nonce, event key, here
+and on PostgreSQL's fast path (manager/pg_fastpath.py), so concurrent deliveries
+cannot deadlock, and the result is the same as some serial order.
 
 The rules (`apply_to_task`) run in Python on a `TaskState`, a plain copy of the
 locked row, for every backend. Around them this is the hot path of the service,
 so it runs statements built once, at import, on the caller's connection: on
-PostgreSQL one statement claims the nonce and creates or locks the task, and one
+PostgreSQL one statement creates or locks the task and claims the nonce, and one
 records the delivery and writes the task back only if the delivery's event key
 was free; SQLite, which has no data-modifying CTEs, takes a few more statements.
 """
@@ -118,9 +118,9 @@ def apply_callback(
     }
     if postgres:
         *row, claimed = driver_execute(conn, _PG_CLAIM_AND_LOCK, claim)
-        nonce_claimed = bool(claimed)
         if row[0] is None:  # created by another transaction meanwhile (see the statement)
-            row = list(driver_execute(conn, _PG_LOCK_TASK, claim))
+            *row, claimed = driver_execute(conn, _PG_LOCK_AND_CLAIM, claim)
+        nonce_claimed = bool(claimed)
     else:
         nonce_claimed = conn.execute(_CLAIM_NONCE, claim).first() is not None
         row = list(conn.execute(_UPSERT_TASK, claim).one())
@@ -141,12 +141,12 @@ def apply_callback(
     }
     if nonce_claimed:
         # The rules first: the verdict goes into the same INSERT that claims the event key.
-        run_before = _run_of(task)
+        run_before = run_of(task)
         verdict, reason = apply_to_task(task, cb, received_at)
         delivery.update(event_key=cb.event_key(), verdict=verdict, reason=reason)
-        values = {**delivery, **_task_values(task), **_run_values(task, run_before)}
+        values = {**delivery, **task_values(task), **run_values(task, run_before)}
         if postgres:
-            values.update(input=_pg_json(task.input), outputs=_pg_json(task.outputs))
+            values.update(input=pg_json(task.input), outputs=pg_json(task.outputs))
             row = driver_execute(conn, _PG_RECORD_AND_WRITE_BACK, values)
             delivery_id = None if row is None else row[0]
         else:
@@ -186,14 +186,14 @@ def _check_retransmission(conn: Connection, cb: Callback, digest: str) -> None:
         )
 
 
-def _run_of(task: TaskState) -> tuple[Any, ...]:
+def run_of(task: TaskState) -> tuple[Any, ...]:
     return (task.runs, task.owner, task.started_at, task.ended_at, task.stop_reason)
 
 
-def _run_values(task: TaskState, before: tuple[Any, ...]) -> dict[str, Any]:
+def run_values(task: TaskState, before: tuple[Any, ...]) -> dict[str, Any]:
     """The current run's row in task_runs, and whether this delivery changed it."""
     return {
-        "run_changed": task.runs > 0 and _run_of(task) != before,
+        "run_changed": task.runs > 0 and run_of(task) != before,
         "run_task_pk": task.id,
         "run_number": task.runs,
         "run_owner": task.owner,
@@ -203,26 +203,26 @@ def _run_values(task: TaskState, before: tuple[Any, ...]) -> dict[str, Any]:
     }
 
 
-def _pg_json(value: Any) -> Json | None:
+def pg_json(value: Any) -> Json | None:
     return None if value is None else Json(value)
 
 
-def _task_values(task: TaskState) -> dict[str, Any]:
-    values = {name: getattr(task, name) for name in _WRITTEN}
+def task_values(task: TaskState) -> dict[str, Any]:
+    values = {name: getattr(task, name) for name in WRITTEN}
     values["task_pk"] = task.id
     return values
 
 
 # --- statements, built once ---------------------------------------------------------
 
-_STATE_FIELDS = tuple(f.name for f in fields(TaskState))
+STATE_FIELDS = tuple(f.name for f in fields(TaskState))
 # What the rules may change: every column of TaskState but the key.
-_WRITTEN = tuple(name for name in _STATE_FIELDS if name != "id")
+WRITTEN = tuple(name for name in STATE_FIELDS if name != "id")
 _TASKS = cast(Table, Task.__table__)
 _DELIVERIES = cast(Table, Delivery.__table__)
 _NONCES = cast(Table, CallbackNonce.__table__)
-_DELIVERY_COLUMNS = tuple(c.name for c in _DELIVERIES.columns if c.name != "id")
-_NEW_TASK = {
+DELIVERY_COLUMNS = tuple(c.name for c in _DELIVERIES.columns if c.name != "id")
+NEW_TASK = {
     "status": "running",  # placeholder: a new task always applies its first delivery
     "state_seq": NO_POSITION,
     "state_rank": 0,
@@ -235,59 +235,65 @@ _JSON = JSON(none_as_null=True)
 _TYPED = (bindparam("input", type_=_JSON), bindparam("outputs", type_=_JSON))
 
 
-def _insert_columns(names: tuple[str, ...]) -> str:
+def insert_columns(names: tuple[str, ...]) -> str:
     placeholders = ", ".join(f"%({name})s" for name in names)
     return f"({', '.join(names)}) VALUES ({placeholders})"
 
 
-def _set_clause(names: tuple[str, ...]) -> str:
+def set_clause(names: tuple[str, ...]) -> str:
     return ", ".join(f"{name} = %({name})s" for name in names)
 
 
-_NEW_TASK_SQL = ", ".join(
-    f"'{value}'" if isinstance(value, str) else str(value) for value in _NEW_TASK.values()
+NEW_TASK_SQL = ", ".join(
+    f"'{value}'" if isinstance(value, str) else str(value) for value in NEW_TASK.values()
 )
 
 # PostgreSQL statements run on the DBAPI cursor (see sqlutil.driver_execute), hence
 # psycopg's %(name)s placeholders.
 #
-# Step 1: claim the nonce, then create or lock the task. An existing task is locked by
+# Step 1: create or lock the task, then claim the nonce. An existing task is locked by
 # SELECT … FOR UPDATE, which writes no new row version: an ON CONFLICT DO UPDATE would,
 # with an entry in each of the task's indexes, only for the write-back to replace it.
-# Both read the nonce's claim, so the nonce is always locked first. A task that another
-# transaction created and committed while this statement waited on its INSERT is in
-# neither branch (it is newer than the statement's snapshot): the row then comes back
-# with a NULL id, and _PG_LOCK_TASK, a statement of its own, locks the task.
-_PG_CLAIM_AND_LOCK = f"""
-    WITH n AS (
+# The nonce is claimed from the task's row, so the task is always locked first, as on
+# the fast path (manager/pg_fastpath.py). A task that another transaction created and
+# committed while this statement waited on its INSERT is in neither branch (it is newer
+# than the statement's snapshot): the row then comes back with a NULL id and no nonce
+# claimed, and _PG_LOCK_AND_CLAIM, a statement of its own, does both.
+_TASK_COLUMNS = ", ".join("t." + name for name in STATE_FIELDS)
+_CLAIM_FROM_TASK = """
+    n AS (
         INSERT INTO callback_nonces (zego_timestamp, nonce, body_sha256, seen_at)
-        VALUES (%(zego_timestamp)s, %(nonce)s, %(body_sha256)s, %(seen_at)s)
+        SELECT %(zego_timestamp)s::bigint, %(nonce)s::varchar, %(body_sha256)s::varchar,
+            %(seen_at)s::timestamp
+        FROM task
         ON CONFLICT DO NOTHING
         RETURNING 1
-    ), claim AS (
-        SELECT count(*) AS claimed FROM n
-    ), created AS (
+    )"""
+_PG_CLAIM_AND_LOCK = f"""
+    WITH created AS (
         INSERT INTO tasks AS t (
-            app_id, task_id, {", ".join(_NEW_TASK)}, first_seen_at, updated_at
+            app_id, task_id, {", ".join(NEW_TASK)}, first_seen_at, updated_at
         )
-        SELECT %(app_id)s::bigint, %(task_id)s::varchar, {_NEW_TASK_SQL},
-            %(now)s::timestamp, %(now)s::timestamp
-        FROM claim
+        VALUES (%(app_id)s, %(task_id)s, {NEW_TASK_SQL}, %(now)s, %(now)s)
         ON CONFLICT (app_id, task_id) DO NOTHING
-        RETURNING {", ".join("t." + name for name in _STATE_FIELDS)}
+        RETURNING {_TASK_COLUMNS}
     ), locked AS (
-        SELECT {", ".join("t." + name for name in _STATE_FIELDS)}
-        FROM tasks AS t, claim
+        SELECT {_TASK_COLUMNS} FROM tasks AS t
         WHERE t.app_id = %(app_id)s AND t.task_id = %(task_id)s
         FOR UPDATE OF t
-    )
-    SELECT task.*, claim.claimed
-    FROM claim LEFT JOIN (SELECT * FROM created UNION ALL SELECT * FROM locked) AS task ON true
+    ), task AS (
+        SELECT * FROM created UNION ALL SELECT * FROM locked
+    ), {_CLAIM_FROM_TASK}
+    SELECT task.*, (SELECT count(*) FROM n) AS claimed
+    FROM (SELECT) AS one LEFT JOIN task ON true
 """  # noqa: S608 - column names from the model, values bound
-_PG_LOCK_TASK = f"""
-    SELECT {", ".join(_STATE_FIELDS)} FROM tasks
-    WHERE app_id = %(app_id)s AND task_id = %(task_id)s
-    FOR UPDATE
+_PG_LOCK_AND_CLAIM = f"""
+    WITH task AS (
+        SELECT {_TASK_COLUMNS} FROM tasks AS t
+        WHERE t.app_id = %(app_id)s AND t.task_id = %(task_id)s
+        FOR UPDATE OF t
+    ), {_CLAIM_FROM_TASK}
+    SELECT task.*, (SELECT count(*) FROM n) AS claimed FROM task
 """  # noqa: S608 - column names from the model, values bound
 
 # Step 2: record the delivery under its event key and, only if the key was free, write
@@ -296,11 +302,11 @@ _PG_LOCK_TASK = f"""
 # another delivery holds the key.
 _PG_RECORD_AND_WRITE_BACK = f"""
     WITH d AS (
-        INSERT INTO deliveries {_insert_columns(_DELIVERY_COLUMNS)}
+        INSERT INTO deliveries {insert_columns(DELIVERY_COLUMNS)}
         ON CONFLICT (event_key) DO NOTHING
         RETURNING id
     ), written AS (
-        UPDATE tasks SET {_set_clause(_WRITTEN)}
+        UPDATE tasks SET {set_clause(WRITTEN)}
         WHERE id = %(task_pk)s AND EXISTS (SELECT FROM d)
     ), closed AS (
         UPDATE task_runs SET ended_at = %(run_started_at)s::timestamp
@@ -333,24 +339,24 @@ _UPSERT_TASK = (
         task_id=bindparam("task_id"),
         first_seen_at=bindparam("now", type_=DateTime()),
         updated_at=bindparam("now", type_=DateTime()),
-        **_NEW_TASK,
+        **NEW_TASK,
     )
     .on_conflict_do_update(
         index_elements=[_TASKS.c.app_id, _TASKS.c.task_id],
         set_={"app_id": sqlite.insert(_TASKS).excluded.app_id},
     )
-    .returning(*(_TASKS.c[name] for name in _STATE_FIELDS))
+    .returning(*(_TASKS.c[name] for name in STATE_FIELDS))
 )
 _INSERT_DELIVERY_IGNORE = (
     sqlite.insert(_DELIVERIES)
-    .values({c: bindparam(c) for c in _DELIVERY_COLUMNS})
+    .values({c: bindparam(c) for c in DELIVERY_COLUMNS})
     .on_conflict_do_nothing(index_elements=[_DELIVERIES.c.event_key])
     .returning(_DELIVERIES.c.id)
 )
 _WRITE_BACK_TASK = (
     update(_TASKS)
     .where(_TASKS.c.id == bindparam("task_pk"))
-    .values({name: bindparam(name) for name in _WRITTEN if name not in ("input", "outputs")})
+    .values({name: bindparam(name) for name in WRITTEN if name not in ("input", "outputs")})
     .values(input=_TYPED[0], outputs=_TYPED[1])
 )
 
@@ -396,7 +402,7 @@ _TOUCH_TASK = (
 )
 _INSERT_DELIVERY = (
     insert(_DELIVERIES)
-    .values({c: bindparam(c) for c in _DELIVERY_COLUMNS})
+    .values({c: bindparam(c) for c in DELIVERY_COLUMNS})
     .returning(_DELIVERIES.c.id)
 )
 

@@ -13,11 +13,12 @@ from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from .. import MAX_BODY_BYTES, get_settings
-from ..db import write_connection
+from ..db import autocommit_connection, write_connection
 from ..errors import error_response
 from ..lifecycle import apply_callback, utcnow
 from ..metrics import CALLBACK_LATENCY, count_delivery
 from ..models import Delivery
+from ..pg_fastpath import try_apply
 from ..zego.callbacks import CallbackError, decode_body, parse_callback, verify_callback
 
 log = logging.getLogger(__name__)
@@ -58,17 +59,22 @@ def _receive(path_event: str | None, received_at: Any) -> tuple[Response, int]:
             now=time.time(),
             max_age=settings.callback_max_age,
         )
-        # A Core connection rather than the request's Session: this is the hot path.
-        # The block commits at its end, so the answer below is sent only after COMMIT.
-        with write_connection(current_app.extensions["manager.engine"]) as conn:
-            outcome = apply_callback(
-                conn,
-                cb,
-                raw_body=raw[:STORED_BODY_BYTES],
-                body_size=size,
-                received_at=received_at,
-                remote_addr=request.remote_addr,
-            )
+        # Core connections rather than the request's Session: this is the hot path.
+        # Either way the delivery is committed before the answer below is sent.
+        engine = current_app.extensions["manager.engine"]
+        delivery: dict[str, Any] = {
+            "raw_body": raw[:STORED_BODY_BYTES],
+            "body_size": size,
+            "received_at": received_at,
+            "remote_addr": request.remote_addr,
+        }
+        outcome = None
+        if engine.dialect.name == "postgresql":
+            with autocommit_connection(engine) as conn:
+                outcome = try_apply(conn, cb, **delivery)
+        if outcome is None:
+            with write_connection(engine) as conn:
+                outcome = apply_callback(conn, cb, **delivery)
     except CallbackError as exc:
         return _reject(exc, raw, size, received_at)
     except SQLAlchemyError as exc:

@@ -1,0 +1,191 @@
+"""PostgreSQL's one-statement path (manager/pg_fastpath.py): it writes a delivery whole
+or not at all, and leaves every case it does not settle to the locked path."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from datetime import datetime
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from sqlalchemy import Engine, func, select, text
+from sqlalchemy.orm import Session
+
+from manager import pg_fastpath
+from manager.db import autocommit_connection
+from manager.lifecycle import Outcome, utcnow
+from manager.models import CallbackNonce, Delivery, Task, TaskRun
+from manager.pg_fastpath import try_apply
+from manager.sqlutil import driver_execute
+from manager.zego.callbacks import Callback, parse_callback
+
+from .conftest import callback
+from .test_callback_race import wait_for_lock_wait
+
+pytestmark = pytest.mark.postgres
+
+
+def parsed(**kwargs: Any) -> Callback:
+    return parse_callback(callback(**kwargs))
+
+
+def apply_fast(engine: Engine, cb: Callback) -> Outcome | None:
+    with autocommit_connection(engine) as conn:
+        return try_apply(
+            conn, cb, raw_body=b"{}", body_size=2, received_at=utcnow(), remote_addr=None
+        )
+
+
+def counts(db: Session) -> tuple[int, int, int, int]:
+    tables = (Task, Delivery, TaskRun, CallbackNonce)
+    result = tuple(db.execute(select(func.count()).select_from(t)).scalar_one() for t in tables)
+    db.rollback()
+    return result  # type: ignore[return-value]
+
+
+def post(client: FlaskClient, body: dict[str, object]) -> Any:
+    return client.post("/callbacks/zego", data=json.dumps(body), content_type="application/json")
+
+
+def test_a_first_start_is_one_statement_with_its_run(app: Flask, db: Session) -> None:
+    engine = app.extensions["manager.engine"]
+    outcome = apply_fast(engine, parsed(task_id="f-1", user_id="u-1", sequence=3))
+    assert outcome is not None
+    assert (outcome.verdict, outcome.reason) == ("applied", None)
+    task = db.execute(select(Task)).scalar_one()
+    assert (task.id, task.status, task.owner, task.runs, task.max_seq) == (
+        outcome.task_pk,
+        "running",
+        "u-1",
+        1,
+        3,
+    )
+    run = db.execute(select(TaskRun)).scalar_one()
+    assert (run.task_pk, run.run_no, run.owner, run.ended_at) == (task.id, 1, "u-1", None)
+    assert counts(db) == (1, 1, 1, 1)
+
+
+def test_a_new_task_whose_nonce_is_taken_writes_nothing(app: Flask, db: Session) -> None:
+    engine = app.extensions["manager.engine"]
+    first = parsed(task_id="f-1", nonce="0123456789abcdef")
+    assert apply_fast(engine, first) is not None
+    # The same Timestamp and Nonce with another task: the new task must not stay.
+    forged = parse_callback(dict(callback(task_id="f-1", nonce="0123456789abcdef"), TaskId="f-2"))
+    assert apply_fast(engine, forged) is None
+    assert counts(db) == (1, 1, 1, 1)
+    assert db.execute(select(Task.task_id)).scalars().all() == ["f-1"]
+
+
+def test_an_update_of_an_unknown_task_creates_it(app: Flask, db: Session) -> None:
+    engine = app.extensions["manager.engine"]
+    outcome = apply_fast(engine, parsed(task_id="f-1", status="TranscodeUpdated", sequence=2))
+    assert outcome is not None
+    assert outcome.verdict == "applied"
+    assert counts(db) == (1, 1, 1, 1)
+
+
+def test_a_start_of_an_existing_task_reads_it_and_applies(app: Flask, db: Session) -> None:
+    engine = app.extensions["manager.engine"]
+    assert apply_fast(engine, parsed(task_id="f-1", sequence=1)) is not None
+    stop = parsed(event="transcode_stop", task_id="f-1", sequence=2, stop_reason=0)
+    assert apply_fast(engine, stop) is not None
+    restart = apply_fast(engine, parsed(task_id="f-1", sequence=3))
+    assert restart is not None
+    assert restart.verdict == "applied"
+    task = db.execute(select(Task)).scalar_one()
+    assert (task.status, task.runs) == ("running", 2)
+    runs = db.execute(select(TaskRun.run_no, TaskRun.stop_reason).order_by(TaskRun.run_no))
+    assert runs.all() == [(1, 0), (2, None)]
+
+
+def test_a_resend_with_a_new_nonce_is_a_duplicate_in_the_same_statement(
+    app: Flask, db: Session
+) -> None:
+    engine = app.extensions["manager.engine"]
+    assert apply_fast(engine, parsed(task_id="f-1", sequence=5)) is not None
+    db.execute(text("UPDATE tasks SET last_delivery_at = '2000-01-01'"))
+    db.commit()
+    resend = parsed(task_id="f-1", sequence=5, timestamp=int(time.time()) + 3)
+    outcome = apply_fast(engine, resend)
+    assert outcome is not None
+    assert (outcome.verdict, outcome.reason) == ("duplicate", "same_event")
+    last = db.execute(select(Delivery).order_by(Delivery.id.desc())).scalars().first()
+    assert last is not None
+    assert (last.verdict, last.event_key, last.id) == (
+        "duplicate",
+        None,
+        outcome.delivery_id,
+    )
+    touched = db.execute(select(Task.last_delivery_at)).scalar_one()
+    assert touched is not None
+    assert touched > datetime(2000, 1, 2)
+    assert counts(db) == (1, 2, 1, 2)  # the new nonce is claimed
+
+
+def test_a_seen_nonce_is_left_to_the_locked_path(
+    app: Flask, client: FlaskClient, db: Session
+) -> None:
+    engine = app.extensions["manager.engine"]
+    body = callback(task_id="f-1", status="TranscodeUpdated", sequence=2)
+    assert post(client, body).json["verdict"] == "applied"
+    assert apply_fast(engine, parse_callback(body)) is None
+    assert counts(db) == (1, 1, 1, 1)
+    # …which tells a retransmission by its body.
+    assert post(client, body).json == {"code": 0, "verdict": "duplicate"}
+
+
+def test_a_task_changed_since_it_was_read_writes_nothing(
+    app: Flask, db: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another delivery commits between the read and the write: the write sees a new
+    row version (xmin) and writes nothing, so the locked path applies the delivery."""
+    engine = app.extensions["manager.engine"]
+    assert apply_fast(engine, parsed(task_id="f-1", sequence=1)) is not None
+    interloper = parsed(event="transcode_stop", task_id="f-1", sequence=3, stop_reason=0)
+
+    def read_then_let_another_write(conn: Any, statement: str, params: Any) -> Any:
+        row = driver_execute(conn, statement, params)
+        if statement == pg_fastpath._PG_READ:
+            monkeypatch.undo()
+            assert apply_fast(engine, interloper) is not None
+        return row
+
+    monkeypatch.setattr(pg_fastpath, "driver_execute", read_then_let_another_write)
+    late = parsed(task_id="f-1", status="TranscodeUpdated", sequence=2)
+    assert apply_fast(engine, late) is None
+    assert counts(db) == (1, 2, 1, 2)  # the start and the stop only
+    task = db.execute(select(Task)).scalar_one()
+    assert (task.status, task.max_seq) == ("stopped", 3)
+
+
+def test_a_lock_held_without_a_write_is_waited_for_then_applied(
+    app: Flask, client: FlaskClient, db: Session
+) -> None:
+    """A transaction that only locks the task (as the locked path does for a duplicate)
+    leaves its row version as it was: the write waits for it, then goes ahead."""
+    engine = app.extensions["manager.engine"]
+    assert post(client, callback(task_id="f-1", sequence=1)).status_code == 200
+    answer: dict[str, Any] = {}
+
+    def deliver() -> None:
+        body = callback(task_id="f-1", status="TranscodeUpdated", sequence=2)
+        response = post(client, body)
+        answer.update(status=response.status_code, json=response.json)
+
+    with engine.connect() as other:
+        other.exec_driver_sql("SELECT id FROM tasks WHERE task_id = 'f-1' FOR UPDATE")
+        others = {other.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()}
+        thread = threading.Thread(target=deliver)
+        thread.start()
+        try:
+            wait_for_lock_wait(db, others)
+        finally:
+            other.commit()
+            thread.join(timeout=60)
+    assert answer == {"status": 200, "json": {"code": 0, "verdict": "applied"}}
+    task = db.execute(select(Task)).scalar_one()
+    assert task.max_seq == 2
