@@ -96,14 +96,3 @@ def write_connection(engine: Engine) -> Iterator[Connection]:
         conn.execution_options(**{WRITE_OPTION: True})
         with conn.begin():
             yield conn
-
-
-@contextmanager
-def autocommit_connection(engine: Engine) -> Iterator[Connection]:
-    """A Core connection in autocommit mode: each statement commits on its own.
-
-    For a statement that is a whole transaction by itself: it saves the round trips of
-    BEGIN and COMMIT.
-    """
-    with engine.connect() as conn:
-        yield conn.execution_options(isolation_level="AUTOCOMMIT")

@@ -62,7 +62,7 @@ def try_apply(
 ) -> Outcome | None:
     """Record and apply the delivery in one statement, or return None having written nothing.
 
-    `conn` is a PostgreSQL connection in autocommit mode (db.autocommit_connection).
+    `conn` is a PostgreSQL connection in autocommit mode (the app's autocommit engine).
     """
     delivery = {
         **cb.audit_fields(),

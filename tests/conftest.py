@@ -18,7 +18,7 @@ from sqlalchemy import Engine, create_engine, make_url, text
 from sqlalchemy.orm import Session
 from werkzeug.serving import make_server
 
-from manager import create_app
+from manager import create_app, dispose_engines
 from manager.config import Settings
 from manager.db import Base, make_engine
 from manager.migrate import upgrade
@@ -116,7 +116,7 @@ def app(settings: Settings, migrated_engine: Engine) -> Iterator[Flask]:
     app = create_app(settings)
     app.config["TESTING"] = True
     yield app
-    app.extensions["manager.engine"].dispose()
+    dispose_engines(app)
     _empty_tables(migrated_engine)
 
 

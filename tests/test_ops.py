@@ -7,7 +7,7 @@ from pathlib import Path
 
 from flask.testing import FlaskClient
 
-from manager import create_app
+from manager import create_app, dispose_engines
 from manager.config import Settings
 
 from .conftest import callback
@@ -27,7 +27,7 @@ def test_readyz_is_503_before_migrations(tmp_path: Path) -> None:
     response = app.test_client().get("/readyz")
     assert response.status_code == 503
     assert response.json["error"]["code"] == "migrations_pending"
-    app.extensions["manager.engine"].dispose()
+    dispose_engines(app)
 
 
 def test_readyz_is_503_without_a_database(tmp_path: Path) -> None:
@@ -36,7 +36,7 @@ def test_readyz_is_503_without_a_database(tmp_path: Path) -> None:
     response = app.test_client().get("/readyz")
     assert response.status_code == 503
     assert response.json["error"]["code"] == "database_unavailable"
-    app.extensions["manager.engine"].dispose()
+    dispose_engines(app)
 
 
 def test_metrics_count_deliveries_by_verdict(client: FlaskClient) -> None:

@@ -16,7 +16,6 @@ from sqlalchemy import Engine, func, select, text
 from sqlalchemy.orm import Session
 
 from manager import pg_fastpath
-from manager.db import autocommit_connection
 from manager.lifecycle import Outcome, utcnow
 from manager.models import CallbackNonce, Delivery, Task, TaskRun
 from manager.pg_fastpath import try_apply
@@ -34,7 +33,7 @@ def parsed(**kwargs: Any) -> Callback:
 
 
 def apply_fast(engine: Engine, cb: Callback) -> Outcome | None:
-    with autocommit_connection(engine) as conn:
+    with engine.connect() as conn:
         return try_apply(
             conn, cb, raw_body=b"{}", body_size=2, received_at=utcnow(), remote_addr=None
         )
@@ -52,7 +51,7 @@ def post(client: FlaskClient, body: dict[str, object]) -> Any:
 
 
 def test_a_first_start_is_one_statement_with_its_run(app: Flask, db: Session) -> None:
-    engine = app.extensions["manager.engine"]
+    engine = app.extensions["manager.autocommit_engine"]
     outcome = apply_fast(engine, parsed(task_id="f-1", user_id="u-1", sequence=3))
     assert outcome is not None
     assert (outcome.verdict, outcome.reason) == ("applied", None)
@@ -70,7 +69,7 @@ def test_a_first_start_is_one_statement_with_its_run(app: Flask, db: Session) ->
 
 
 def test_a_new_task_whose_nonce_is_taken_writes_nothing(app: Flask, db: Session) -> None:
-    engine = app.extensions["manager.engine"]
+    engine = app.extensions["manager.autocommit_engine"]
     first = parsed(task_id="f-1", nonce="0123456789abcdef")
     assert apply_fast(engine, first) is not None
     # The same Timestamp and Nonce with another task: the new task must not stay.
@@ -81,7 +80,7 @@ def test_a_new_task_whose_nonce_is_taken_writes_nothing(app: Flask, db: Session)
 
 
 def test_an_update_of_an_unknown_task_creates_it(app: Flask, db: Session) -> None:
-    engine = app.extensions["manager.engine"]
+    engine = app.extensions["manager.autocommit_engine"]
     outcome = apply_fast(engine, parsed(task_id="f-1", status="TranscodeUpdated", sequence=2))
     assert outcome is not None
     assert outcome.verdict == "applied"
@@ -89,7 +88,7 @@ def test_an_update_of_an_unknown_task_creates_it(app: Flask, db: Session) -> Non
 
 
 def test_a_start_of_an_existing_task_reads_it_and_applies(app: Flask, db: Session) -> None:
-    engine = app.extensions["manager.engine"]
+    engine = app.extensions["manager.autocommit_engine"]
     assert apply_fast(engine, parsed(task_id="f-1", sequence=1)) is not None
     stop = parsed(event="transcode_stop", task_id="f-1", sequence=2, stop_reason=0)
     assert apply_fast(engine, stop) is not None
@@ -105,7 +104,7 @@ def test_a_start_of_an_existing_task_reads_it_and_applies(app: Flask, db: Sessio
 def test_a_resend_with_a_new_nonce_is_a_duplicate_in_the_same_statement(
     app: Flask, db: Session
 ) -> None:
-    engine = app.extensions["manager.engine"]
+    engine = app.extensions["manager.autocommit_engine"]
     assert apply_fast(engine, parsed(task_id="f-1", sequence=5)) is not None
     db.execute(text("UPDATE tasks SET last_delivery_at = '2000-01-01'"))
     db.commit()
@@ -129,7 +128,7 @@ def test_a_resend_with_a_new_nonce_is_a_duplicate_in_the_same_statement(
 def test_a_seen_nonce_is_left_to_the_locked_path(
     app: Flask, client: FlaskClient, db: Session
 ) -> None:
-    engine = app.extensions["manager.engine"]
+    engine = app.extensions["manager.autocommit_engine"]
     body = callback(task_id="f-1", status="TranscodeUpdated", sequence=2)
     assert post(client, body).json["verdict"] == "applied"
     assert apply_fast(engine, parse_callback(body)) is None
@@ -143,7 +142,7 @@ def test_a_task_changed_since_it_was_read_writes_nothing(
 ) -> None:
     """Another delivery commits between the read and the write: the write sees a new
     row version (xmin) and writes nothing, so the locked path applies the delivery."""
-    engine = app.extensions["manager.engine"]
+    engine = app.extensions["manager.autocommit_engine"]
     assert apply_fast(engine, parsed(task_id="f-1", sequence=1)) is not None
     interloper = parsed(event="transcode_stop", task_id="f-1", sequence=3, stop_reason=0)
 
@@ -167,7 +166,7 @@ def test_a_lock_held_without_a_write_is_waited_for_then_applied(
 ) -> None:
     """A transaction that only locks the task (as the locked path does for a duplicate)
     leaves its row version as it was: the write waits for it, then goes ahead."""
-    engine = app.extensions["manager.engine"]
+    engine = app.extensions["manager.engine"]  # a transaction, to hold the lock
     assert post(client, callback(task_id="f-1", sequence=1)).status_code == 200
     answer: dict[str, Any] = {}
 

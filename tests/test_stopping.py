@@ -14,7 +14,7 @@ from flask.testing import FlaskClient, FlaskCliRunner
 from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
-from manager import create_app
+from manager import create_app, dispose_engines
 from manager.config import Settings
 from manager.db import Base
 from manager.lifecycle import utcnow
@@ -174,7 +174,7 @@ def test_a_wrong_server_secret_is_a_signature_error_not_retried(
     response = stop(client, auth)
     assert response.status_code == 502
     assert response.json["error"]["zego_code"] == 100000005
-    app.extensions["manager.engine"].dispose()
+    dispose_engines(app)
 
 
 def test_attempts_run_out(

@@ -13,7 +13,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from manager import create_app
+from manager import create_app, dispose_engines
 from manager.config import Settings
 from manager.models import Delivery, Task
 from manager.zego.signing import signed_callback
@@ -161,7 +161,7 @@ def test_unconfigured_service_refuses_with_503(settings: Settings) -> None:
     response = post(app.test_client(), callback())
     assert response.status_code == 503
     assert response.json["error"]["code"] == "not_configured"
-    app.extensions["manager.engine"].dispose()
+    dispose_engines(app)
 
 
 def test_database_down_is_503_and_nothing_claimed(settings: Settings, tmp_path: Any) -> None:
@@ -175,7 +175,7 @@ def test_database_down_is_503_and_nothing_claimed(settings: Settings, tmp_path: 
     response = post(app.test_client(), callback())
     assert response.status_code == 503
     assert response.json["error"]["code"] == "database_unavailable"
-    app.extensions["manager.engine"].dispose()
+    dispose_engines(app)
 
 
 def test_get_is_not_allowed_as_json(client: FlaskClient) -> None:
@@ -224,7 +224,7 @@ def test_lost_database_connection_is_503_and_the_retry_succeeds(
     """No pre-ping: a pooled connection that died fails its request with 503 (ZEGO
     retries), and the pool is replaced, so the retry gets a live connection."""
     assert post(client, callback(task_id="conn-1")).status_code == 200
-    engine = app.extensions["manager.engine"]
+    engine = app.extensions["manager.autocommit_engine"]  # the callbacks' first pool
     with engine.connect() as conn:  # the pooled connection the next request will get
         pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
     db.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})

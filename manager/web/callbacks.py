@@ -13,7 +13,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from .. import MAX_BODY_BYTES, get_settings
-from ..db import autocommit_connection, write_connection
+from ..db import write_connection
 from ..errors import error_response
 from ..lifecycle import apply_callback, utcnow
 from ..metrics import CALLBACK_LATENCY, count_delivery
@@ -69,8 +69,9 @@ def _receive(path_event: str | None, received_at: Any) -> tuple[Response, int]:
             "remote_addr": request.remote_addr,
         }
         outcome = None
-        if engine.dialect.name == "postgresql":
-            with autocommit_connection(engine) as conn:
+        fast_engine = current_app.extensions.get("manager.autocommit_engine")
+        if fast_engine is not None:
+            with fast_engine.connect() as conn:
                 outcome = try_apply(conn, cb, **delivery)
         if outcome is None:
             with write_connection(engine) as conn:
