@@ -54,12 +54,13 @@ def parse_status(raw: str | None) -> str | None:
     return raw
 
 
-def parse_limit(raw: str | None, default: int = 50) -> int:
+def parse_limit(raw: str | None, default: int = 50, maximum: int = MAX_PAGE) -> int:
+    """A page size from 1 to `maximum`; a bad value is a 400 naming `limit`."""
     if raw in (None, ""):
         return default
     assert raw is not None  # noqa: S101
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE:
-        raise ApiError(400, "invalid_parameter", f"limit must be an integer from 1 to {MAX_PAGE}")
+    if not raw.isdigit() or not 1 <= int(raw) <= maximum:
+        raise ApiError(400, "invalid_parameter", f"limit must be an integer from 1 to {maximum}")
     return int(raw)
 
 

@@ -16,10 +16,13 @@ from .queries import iso
 from .reporting import (
     COLUMNS,
     LIST_KEYS,
+    MAX_OWNERS_LIMIT,
+    OWNERS_LIMIT,
     REPORTS,
     daily,
     flatten,
     owners,
+    owners_page,
     row_values,
     stuck,
     summary,
@@ -41,6 +44,12 @@ from .reporting import (
 @click.option(
     "--silent-for", default=None, help="stuck: seconds without a delivery  [default: 86400]"
 )
+@click.option(
+    "--limit",
+    default=None,
+    help=f"owners: the first N (1-{MAX_OWNERS_LIMIT})  "
+    f"[default: {OWNERS_LIMIT} as a table or JSON, all as CSV]",
+)
 @with_appcontext
 def report_command(
     name: str,
@@ -49,8 +58,10 @@ def report_command(
     until: str | None,
     owner: str | None,
     silent_for: str | None,
+    limit: str | None,
 ) -> None:
     """Print a report: summary, owners, daily or stuck."""
+    from .queries import parse_limit
     from .web.reports import check_days, parse_silent_for, parse_window
 
     try:
@@ -58,6 +69,9 @@ def report_command(
         silent = parse_silent_for(silent_for)
         if name == "daily":
             check_days(window)
+        if limit is not None and name != "owners":
+            raise ApiError(400, "invalid_parameter", "--limit applies to the owners report only")
+        first = parse_limit(limit, OWNERS_LIMIT, MAX_OWNERS_LIMIT)
     except ApiError as exc:
         raise click.ClickException(exc.message) from None
 
@@ -75,8 +89,13 @@ def report_command(
 
                 echo_table(["field", "value"], [(k, _cell(v)) for k, v in flat.items()])
             return
-        if name == "owners":
-            rows: Any = owners(session, window, owner)
+        more = False
+        if name == "owners" and (fmt != "csv" or limit is not None):
+            page = owners_page(session, window, owner, None, first)
+            rows: Any = page.owners
+            more = page.more
+        elif name == "owners":
+            rows = owners(session, window, owner)  # a CSV export: every owner
         elif name == "daily":
             rows = daily(session, window, owner)
         else:
@@ -87,11 +106,20 @@ def report_command(
             _echo_csv(columns, values)
         elif fmt == "json":
             items = [dict(zip(columns, row, strict=True)) for row in values]
-            click.echo(json.dumps({LIST_KEYS[name]: items}, indent=2))
+            listing: dict[str, Any] = {LIST_KEYS[name]: items}
+            if name == "owners":
+                listing["more"] = more
+            click.echo(json.dumps(listing, indent=2))
         else:
             from .cli import echo_table
 
             echo_table(columns, ([_cell(v) for v in row] for row in values))
+        if more and fmt == "table":
+            click.echo(
+                f"(the first {first} owners; --limit up to {MAX_OWNERS_LIMIT}, "
+                "or --format csv for all)",
+                err=True,
+            )
 
 
 def _echo_csv(columns: Any, rows: Any) -> None:

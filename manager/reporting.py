@@ -51,6 +51,8 @@ STOPPING_GRACE = timedelta(seconds=120)
 DEFAULT_SILENT_FOR = 86400
 DEFAULT_DAYS = 30
 MAX_DAYS = 3660
+OWNERS_LIMIT = 100  # owners listed by default where a list is read, not exported
+MAX_OWNERS_LIMIT = 10_000
 STREAM_BATCH = 2000
 _US = 1_000_000
 _DAY_US = 86400 * _US
@@ -82,6 +84,26 @@ class OwnerRow:
     running: int
     failed: int
     transcoding_seconds: int
+
+
+@dataclass(frozen=True)
+class OwnerKey:
+    """Where a page of owners ends: its last owner's exact transcoding time, and name."""
+
+    busy_us: int
+    owner: str | None
+
+
+@dataclass(frozen=True)
+class OwnersPage:
+    """The first owners of a listing, and the key of the last one when more follow."""
+
+    owners: list[OwnerRow]
+    next_key: OwnerKey | None
+
+    @property
+    def more(self) -> bool:
+        return self.next_key is not None
 
 
 @dataclass(frozen=True)
@@ -308,14 +330,63 @@ def owners(
     window: Window | None = None,
     owner: str | None = None,
     now: datetime | None = None,
+    limit: int | None = None,
+    after: OwnerKey | None = None,
 ) -> Iterator[OwnerRow]:
     """Per owner: tasks with a run in the window, of those running, failed runs, seconds.
 
-    Most transcoding first, ties by owner (no owner last).
+    Most transcoding first, ties by owner (no owner last); with `limit`, only the first
+    so many, and with `after`, only the owners that come after that key.
     """
+    for row, _busy_us in _owner_rows(session, window, owner, now, limit, after):
+        yield row
+
+
+def owners_page(
+    session: Session,
+    window: Window | None,
+    owner: str | None,
+    now: datetime | None,
+    limit: int,
+    after: OwnerKey | None = None,
+) -> OwnersPage:
+    """The first `limit` owners of `owners` (after the key), and whether more follow."""
+    rows = list(_owner_rows(session, window, owner, now, limit + 1, after))
+    page = rows[:limit]
+    next_key = None
+    if len(rows) > limit:
+        last, busy_us = page[-1]
+        next_key = OwnerKey(busy_us, last.owner)
+    return OwnersPage([row for row, _ in page], next_key)
+
+
+def _owner_rows(
+    session: Session,
+    window: Window | None,
+    owner: str | None,
+    now: datetime | None,
+    limit: int | None,
+    after: OwnerKey | None,
+) -> Iterator[tuple[OwnerRow, int]]:
+    """The owners' rows, each with its exact transcoding time in microseconds."""
     window = window or Window()
     now = now or utcnow()
     sql = _Dialect(session)
+    if limit is None:
+        query = _all_owners(sql, window, now, owner, after)
+    else:
+        query = _top_owners(sql, window, now, owner, limit, after)
+    for name, tasks, running_n, failed_n, busy_us in _stream(session, query):
+        yield (
+            OwnerRow(name, int(tasks), int(running_n), int(failed_n), _seconds(busy_us)),
+            int(busy_us or 0),
+        )
+
+
+def _all_owners(
+    sql: _Dialect, window: Window, now: datetime, owner: str | None, after: OwnerKey | None
+) -> _Query:
+    """Every owner, each figure from one grouping of all the runs in the window."""
     overlap = _overlap(sql, window, now)
     failed = and_(TaskRun.stop_reason == FAILED, window.contains(TaskRun.ended_at))
     # The covering index on (owner, task_pk, …) hands the runs over in owner order, so
@@ -362,8 +433,72 @@ def owners(
         .outerjoin(running, running.c.owner == per_owner.c.owner)
         .order_by(per_owner.c.busy.desc(), per_owner.c.owner.asc().nulls_last())
     )
-    for name, tasks, running_n, failed_n, busy_us in _stream(session, query):
-        yield OwnerRow(name, int(tasks), int(running_n), int(failed_n), _seconds(busy_us))
+    if after is not None:
+        query = query.where(_comes_after(sql, per_owner.c.busy, per_owner.c.owner, after))
+    return query
+
+
+def _top_owners(
+    sql: _Dialect,
+    window: Window,
+    now: datetime,
+    owner: str | None,
+    limit: int,
+    after: OwnerKey | None,
+) -> _Query:
+    """The first `limit` owners: ranked on their transcoding alone, then counted.
+
+    Ranking needs only the sum of each owner's time: with an owner per task, that
+    grouping of every run into as many groups is the whole cost, and COUNT(DISTINCT)
+    over a million groups would nearly double it. The database keeps the top rows
+    as it goes (LIMIT over ORDER BY), and only those owners' tasks, running tasks and
+    failed runs are then counted, each a short range of the index that leads with the
+    owner.
+    """
+    busy = func.coalesce(func.sum(_overlap(sql, window, now)), sql.zero)
+    ranked = (
+        _runs_in(select(TaskRun.owner.label("owner"), busy.label("busy")), window, now, owner)
+        .group_by(TaskRun.owner)
+        .subquery("ranked")
+    )
+    top_query = select(ranked.c.owner, ranked.c.busy)
+    if after is not None:
+        top_query = top_query.where(_comes_after(sql, ranked.c.busy, ranked.c.owner, after))
+    order = (ranked.c.busy.desc(), ranked.c.owner.asc().nulls_last())
+    top = top_query.order_by(*order).limit(limit).subquery("top")
+
+    def per_top_owner(figure: Any, *conditions: ColumnElement[bool], running: bool = False) -> Any:
+        """The figure over the runs in the window of each top owner (or of no owner)."""
+
+        def of(match: ColumnElement[bool]) -> Any:
+            query = _runs_in(select(figure), window, now, None).where(match, *conditions)
+            if running:
+                query = query.join(Task, Task.id == TaskRun.task_pk).where(Task.status == "running")
+            return query.correlate(top).scalar_subquery()
+
+        # Owners are matched by equality, so the runs without one are counted on their
+        # own, once, by a subquery that does not depend on the row.
+        return case(
+            (top.c.owner.is_(None), of(TaskRun.owner.is_(None))),
+            else_=of(TaskRun.owner == top.c.owner),
+        )
+
+    distinct_tasks = func.count(TaskRun.task_pk.distinct())
+    failed = and_(TaskRun.stop_reason == FAILED, window.contains(TaskRun.ended_at))
+    return select(
+        top.c.owner,
+        per_top_owner(distinct_tasks),
+        per_top_owner(distinct_tasks, running=True),
+        per_top_owner(func.count(), failed),
+        sql.total_us(top.c.busy),
+    ).order_by(top.c.busy.desc(), top.c.owner.asc().nulls_last())
+
+
+def _comes_after(sql: _Dialect, busy: Any, name: Any, after: OwnerKey) -> ColumnElement[bool]:
+    """Owners after `after` in the report's order: less time, or as much and later by name."""
+    at = sql.span_of_us(after.busy_us)
+    later_name = literal(False) if after.owner is None else or_(name > after.owner, name.is_(None))
+    return or_(busy < at, and_(busy == at, later_name))
 
 
 def _runs_in(query: _Query, window: Window, now: datetime, owner: str | None) -> _Query:
@@ -737,6 +872,12 @@ class _Dialect:
             session.execute(text("SET LOCAL random_page_cost = 1.1"))
         self.zero: Any = literal(timedelta(0)) if self.pg else literal(0, BigInteger)
         self.no_span: Any = cast(null(), Interval if self.pg else BigInteger)
+
+    def span_of_us(self, us: int) -> Any:
+        """A span of `us` microseconds, comparable with the sums of spans."""
+        if self.pg:
+            return literal(timedelta(microseconds=us), Interval)
+        return literal(us, BigInteger)
 
     def greatest(self, *terms: Any) -> Any:
         if len(terms) == 1:

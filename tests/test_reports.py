@@ -7,6 +7,7 @@ comments next to each run.
 
 from __future__ import annotations
 
+import base64
 import csv
 import dataclasses
 import io
@@ -20,7 +21,8 @@ from sqlalchemy.orm import Session
 
 from manager import reporting
 from manager.models import Delivery, StopRequest, Task, TaskRun
-from manager.reporting import DayRow, OwnerRow, StuckTask, Window
+from manager.reporting import DayRow, OwnerKey, OwnerRow, StuckTask, Window
+from manager.web.reports import decode_owners_cursor, encode_owners_cursor
 
 D = datetime(2025, 3, 10)
 NOW = D + timedelta(days=4)
@@ -249,6 +251,96 @@ def test_owners_ties_go_by_owner(history: Session) -> None:
     ]
 
 
+def add_owners(db: Session, runs: dict[str | None, list[tuple[datetime, datetime | None]]]) -> None:
+    """One task per run, stopped (or running when the run has no end), for each owner."""
+    for owner, spans in runs.items():
+        for start, end in spans:
+            task = Task(
+                app_id=1, task_id=f"x{db.info.setdefault('n', 0)}", owner=owner,
+                status="stopped" if end else "running", state_seq=1, state_rank=1, max_seq=1,
+                run_floor_seq=0, runs=1, first_seen_at=start, updated_at=start,
+            )  # fmt: skip
+            db.info["n"] += 1
+            db.add(task)
+            db.flush()
+            db.add(
+                TaskRun(task_pk=task.id, run_no=1, owner=owner, started_at=start, ended_at=end,
+                        stop_reason=None if end is None else 0)
+            )  # fmt: skip
+    db.commit()
+
+
+# Mar 13 08:00-09:00 (see test_owners_ties_go_by_owner) with ties on both sides of a page
+# boundary: 2 h for bob and tia, 1 h for alice, dave, uma and the runs without an owner,
+# none for vic, whose run ended just before.
+TIED = Window(h(80), h(81))
+
+
+@pytest.fixture
+def tied(history: Session) -> Session:
+    add_owners(
+        history,
+        {
+            "tia": [(h(79), h(82)), (h(80), h(81))],
+            "uma": [(h(80), h(81))],
+            None: [(h(79.5), h(81))],
+            "vic": [(h(79), h(80))],
+        },
+    )
+    return history
+
+
+@pytest.mark.parametrize("window", [WINDOW, Window(), TIED, Window(h(36), h(37))])
+def test_owners_limit_is_the_first_n_of_the_whole_list(tied: Session, window: Window) -> None:
+    full = list(reporting.owners(tied, window, now=NOW))
+    assert full
+    for n in range(1, len(full) + 2):
+        assert list(reporting.owners(tied, window, now=NOW, limit=n)) == full[:n], n
+        page = reporting.owners_page(tied, window, None, NOW, n)
+        assert page.owners == full[:n]
+        assert page.more == (n < len(full))
+        assert (page.next_key is None) == (n >= len(full))
+
+
+def test_owners_limit_keeps_ties_in_owner_order(tied: Session) -> None:
+    names = [row.owner for row in reporting.owners(tied, TIED, now=NOW)]
+    assert names == ["bob", "tia", "alice", "dave", "uma", None, "vic"]
+    assert [row.owner for row in reporting.owners(tied, TIED, now=NOW, limit=4)] == names[:4]
+    assert list(reporting.owners(tied, TIED, "uma", now=NOW, limit=1)) == [
+        OwnerRow("uma", 1, 0, 0, 3600)
+    ]
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5])
+def test_owners_pages_follow_one_another_through_ties(tied: Session, size: int) -> None:
+    full = list(reporting.owners(tied, TIED, now=NOW))
+    pages: list[OwnerRow] = []
+    after: OwnerKey | None = None
+    while True:
+        page = reporting.owners_page(tied, TIED, None, NOW, size, after)
+        pages += page.owners
+        if page.next_key is None:
+            break
+        # The rest, from the whole-list query, starts where the page ends.
+        rest = list(reporting.owners(tied, TIED, now=NOW, after=page.next_key))
+        assert rest == full[len(pages) :]
+        after = page.next_key
+    assert pages == full
+
+
+def test_owners_page_keys_carry_the_exact_time(tied: Session) -> None:
+    page = reporting.owners_page(tied, TIED, None, NOW, 6)
+    assert page.next_key == OwnerKey(3600 * 10**6, None)
+    assert [row.owner for row in reporting.owners(tied, TIED, now=NOW, after=page.next_key)] == [
+        "vic"
+    ]
+    key = OwnerKey(3600 * 10**6, "alice")
+    assert [row.owner for row in reporting.owners(tied, TIED, now=NOW, limit=2, after=key)] == [
+        "dave",
+        "uma",
+    ]
+
+
 # --- daily --------------------------------------------------------------------------------
 
 DAILY_IN_WINDOW = [
@@ -387,7 +479,9 @@ def test_http_owner_filter(client: FlaskClient, auth: dict[str, str], history: S
     assert get(client, auth, path).json == {
         "owners": [
             {"owner": "alice", "tasks": 3, "running": 1, "failed": 1, "transcoding_seconds": 113400}
-        ]
+        ],
+        "more": False,
+        "next_cursor": None,
     }
     summary = get(client, auth, f"/api/reports/summary?since={SINCE}&until={UNTIL}&owner=bob")
     assert summary.json["tasks"]["total"] == 4
@@ -408,7 +502,11 @@ def test_http_stuck_json_and_csv_agree(
 
 
 def test_http_empty_lists(client: FlaskClient, auth: dict[str, str]) -> None:
-    assert get(client, auth, "/api/reports/owners").json == {"owners": []}
+    assert get(client, auth, "/api/reports/owners").json == {
+        "owners": [],
+        "more": False,
+        "next_cursor": None,
+    }
     assert get(client, auth, "/api/reports/stuck").json == {"tasks": []}
     assert get(client, auth, "/api/reports/stuck?format=csv").get_data(as_text=True) == (
         "task_id,owner,status,since,reason\n"
@@ -416,6 +514,107 @@ def test_http_empty_lists(client: FlaskClient, auth: dict[str, str]) -> None:
     days = get(client, auth, "/api/reports/daily").json["days"]
     assert len(days) == 30
     assert all(d["started"] == d["transcoding_seconds"] == 0 for d in days)
+
+
+@pytest.fixture
+def many_owners(history: Session) -> Session:
+    """105 more owners, o000 to o104, o104 with the most time: 109 in WINDOW."""
+    add_owners(history, {f"o{i:03}": [(h(1), h(1) + timedelta(minutes=i))] for i in range(105)})
+    return history
+
+
+def test_http_owners_json_is_the_first_100_with_a_cursor_to_the_rest(
+    client: FlaskClient, auth: dict[str, str], many_owners: Session
+) -> None:
+    path = f"/api/reports/owners?since={SINCE}&until={UNTIL}"
+    everyone = csv_rows(get(client, auth, path + "&format=csv"))
+    assert len(everyone) == 109
+    first = get(client, auth, path).json
+    assert len(first["owners"]) == 100
+    assert first["more"] is True
+    assert [as_csv_text(o["owner"]) for o in first["owners"]] == [
+        row["owner"] for row in everyone[:100]
+    ]
+    rest = get(client, auth, path + f"&cursor={first['next_cursor']}").json
+    assert rest["more"] is False
+    assert rest["next_cursor"] is None
+    assert [as_csv_text(o["owner"]) for o in rest["owners"]] == [
+        row["owner"] for row in everyone[100:]
+    ]
+    # A cursor with CSV: every owner after it.
+    after = csv_rows(get(client, auth, path + f"&format=csv&cursor={first['next_cursor']}"))
+    assert after == everyone[100:]
+
+
+def test_http_owners_limit(client: FlaskClient, auth: dict[str, str], many_owners: Session) -> None:
+    path = f"/api/reports/owners?since={SINCE}&until={UNTIL}"
+    everyone = csv_rows(get(client, auth, path, Accept="text/csv"))
+    assert len(everyone) == 109
+    top = get(client, auth, path + "&limit=3").json
+    assert [o["owner"] for o in top["owners"]] == ["bob", "alice", "o104"]
+    assert top["more"] is True
+    assert top["owners"][2] == {
+        "owner": "o104", "tasks": 1, "running": 0, "failed": 0, "transcoding_seconds": 104 * 60
+    }  # fmt: skip
+    page2 = get(client, auth, path + f"&limit=3&cursor={top['next_cursor']}").json
+    assert [o["owner"] for o in page2["owners"]] == ["o103", "o102", "o101"]
+    whole = get(client, auth, path + "&limit=10000").json
+    assert whole["more"] is False
+    assert [as_csv_text(o["owner"]) for o in whole["owners"]] == [r["owner"] for r in everyone]
+    exactly = get(client, auth, path + "&limit=109").json
+    assert (len(exactly["owners"]), exactly["more"]) == (109, False)
+    limited = csv_rows(get(client, auth, path + "&format=csv&limit=3"))
+    assert limited == everyone[:3]
+    limited = csv_rows(get(client, auth, path + "&limit=5", Accept="text/csv"))
+    assert limited == everyone[:5]
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "limit=0",
+        "limit=10001",
+        "limit=-1",
+        "limit=abc",
+        "limit=2.5",
+        "limit=%201",
+        "format=csv&limit=0",
+    ],
+)
+def test_http_owners_bad_limit_is_400(
+    client: FlaskClient, auth: dict[str, str], query: str
+) -> None:
+    response = client.get(f"/api/reports/owners?{query}", headers=auth)
+    assert response.status_code == 400
+    assert response.json["error"] == {
+        "code": "invalid_parameter",
+        "message": "limit must be an integer from 1 to 10000",
+    }
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "nope",
+        "[1, 2]",
+        '["1", null, "2025-01-01"]',
+        '[-1, null, "2025-01-01"]',
+        '[1, 2, "2025-01-01"]',
+        '[1, null, "soon"]',
+        '[1, null, "2025-01-01T00:00:00+02:00"]',
+    ],
+)
+def test_http_owners_bad_cursor_is_400(client: FlaskClient, auth: dict[str, str], raw: str) -> None:
+    cursor = base64.urlsafe_b64encode(raw.encode()).decode()
+    response = client.get(f"/api/reports/owners?cursor={cursor}", headers=auth)
+    assert response.status_code == 400
+    assert response.json["error"]["message"].startswith("cursor")
+
+
+def test_owners_cursor_carries_the_key_and_the_time() -> None:
+    at = datetime(2025, 3, 14, 1, 2, 3, 456789)
+    for key in (OwnerKey(0, None), OwnerKey(123456789, 'ünï cödé, "quoted"')):
+        assert decode_owners_cursor(encode_owners_cursor(key, at)) == (key, at)
 
 
 @pytest.mark.parametrize(
@@ -474,6 +673,42 @@ def test_cli_tables(runner: FlaskCliRunner, history: Session) -> None:
 
     stuck = runner.invoke(args=["report", "stuck", "--owner", "erin"])
     assert [line.split()[0] for line in stuck.output.splitlines()[2:]] == ["E1", "F1"]
+
+
+def test_cli_owners_limit(runner: FlaskCliRunner, many_owners: Session) -> None:
+    window = ["--since", SINCE, "--until", UNTIL]
+    table = runner.invoke(args=["report", "owners", *window])
+    assert table.exit_code == 0, table.output
+    assert len(table.stdout.splitlines()) == 2 + 100
+    assert "the first 100 owners" in table.stderr
+    top = runner.invoke(args=["report", "owners", "--limit", "2", *window])
+    assert [line.split()[0] for line in top.stdout.splitlines()[2:]] == ["bob", "alice"]
+    as_json = json.loads(
+        runner.invoke(args=["report", "owners", "--format", "json", "--limit", "3", *window]).stdout
+    )
+    assert [o["owner"] for o in as_json["owners"]] == ["bob", "alice", "o104"]
+    assert as_json["more"] is True
+    everyone = runner.invoke(args=["report", "owners", "--format", "csv", *window])
+    assert len(everyone.stdout.splitlines()) == 1 + 109
+    first = runner.invoke(args=["report", "owners", "--format", "csv", "--limit", "3", *window])
+    assert first.stdout.splitlines() == everyone.stdout.splitlines()[:4]
+    whole = runner.invoke(args=["report", "owners", "--limit", "10000", *window])
+    assert len(whole.stdout.splitlines()) == 2 + 109
+    assert whole.stderr == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["owners", "--limit", "0"], "limit must be an integer from 1 to 10000"),
+        (["owners", "--limit", "many"], "limit must be an integer from 1 to 10000"),
+        (["stuck", "--limit", "5"], "--limit applies to the owners report only"),
+    ],
+)
+def test_cli_bad_limit(runner: FlaskCliRunner, args: list[str], message: str) -> None:
+    result = runner.invoke(args=["report", *args])
+    assert result.exit_code != 0
+    assert message in result.output
 
 
 def test_cli_csv_and_json_agree(runner: FlaskCliRunner, history: Session) -> None:

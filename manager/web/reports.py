@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import csv
 import io
 import itertools
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -15,22 +17,27 @@ from sqlalchemy.orm import Session
 
 from .. import get_session
 from ..errors import ApiError
-from ..queries import iso, parse_time
+from ..queries import iso, parse_limit, parse_time
 from ..reporting import (
     COLUMNS,
     DEFAULT_SILENT_FOR,
     LIST_KEYS,
     MAX_DAYS,
+    MAX_OWNERS_LIMIT,
+    OWNERS_LIMIT,
     REPORTS,
+    OwnerKey,
     Window,
     daily,
     daily_window,
     day_count,
     flatten,
     owners,
+    owners_page,
     row_values,
     stuck,
     summary,
+    utcnow,
 )
 from .auth import require_token
 
@@ -57,18 +64,41 @@ def report(name: str) -> Response:
         days = daily(get_session(), window, owner)
         return _list_response(name, fmt, (_plain(row_values(day)) for day in days))
 
+    if name == "owners":
+        return _owners_report(fmt, window, owner)
     silent_for = parse_silent_for(args.get("silent_for"))
+    return _streamed(name, fmt, lambda session: stuck(session, silent_for=silent_for, owner=owner))
+
+
+def _owners_report(fmt: str, window: Window, owner: str | None) -> Response:
+    """JSON: a page of owners, the first 100 unless `limit` says otherwise, with a cursor
+    to the next; CSV: every owner, streamed, unless `limit` is given."""
+    args = request.args
+    # A listing is worked out as of the time of its first page, carried in the cursor,
+    # so that running tasks' growing time does not move owners from page to page.
+    after, now = decode_owners_cursor(args.get("cursor"))
+    limit = parse_limit(args.get("limit"), OWNERS_LIMIT, MAX_OWNERS_LIMIT)
+    if fmt == "json":
+        page = owners_page(get_session(), window, owner, now, limit, after)
+        columns = COLUMNS["owners"]
+        items = [dict(zip(columns, _plain(row_values(row)), strict=True)) for row in page.owners]
+        cursor = None if page.next_key is None else encode_owners_cursor(page.next_key, now)
+        return _json_response({"owners": items, "more": page.more, "next_cursor": cursor})
+    limited = limit if args.get("limit") else None
+    return _streamed(
+        "owners", fmt, lambda session: owners(session, window, owner, now, limited, after)
+    )
+
+
+def _streamed(name: str, fmt: str, rows_of: Callable[[Session], Iterable[Any]]) -> Response:
+    """A list report read from a session of its own, row by row as the body is sent."""
     # Flask tears down the app context, and the request's session with it, before a
-    # streamed body is read: a streamed report reads from a session of its own, which
-    # the response closes when it is done (or the client goes away).
+    # streamed body is read: the response closes this session when it is done (or the
+    # client goes away).
     session = current_app.extensions["manager.sessions"]()
     try:
-        if name == "owners":
-            rows: Iterable[Any] = owners(session, window, owner)
-        else:
-            rows = stuck(session, silent_for=silent_for, owner=owner)
         # Run the query now, so that a database error is still a proper error response.
-        values = _primed(_plain(row_values(row)) for row in rows)
+        values = _primed(_plain(row_values(row)) for row in rows_of(session))
         response = _list_response(name, fmt, _closing(values, session))
     except BaseException:
         session.close()
@@ -90,6 +120,28 @@ def parse_window(since_raw: str | None, until_raw: str | None) -> Window:
     if since is not None and until is not None and until <= since:
         raise ApiError(400, "invalid_parameter", "until must be later than since")
     return Window(since, until)
+
+
+def encode_owners_cursor(key: OwnerKey, now: datetime) -> str:
+    """Where the next page of owners starts, and the time the listing is worked out at."""
+    raw = json.dumps([key.busy_us, key.owner, now.isoformat()], separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_owners_cursor(raw: str | None) -> tuple[OwnerKey | None, datetime]:
+    """The key and time of a cursor from encode_owners_cursor; none: from the top, now."""
+    if raw is None or raw == "":
+        return None, utcnow()
+    try:
+        text = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode()
+        busy_us, owner, at = json.loads(text)
+        now = datetime.fromisoformat(at)
+        valid_key = type(busy_us) is int and busy_us >= 0 and isinstance(owner, str | None)
+        if not valid_key or now.tzinfo is not None:
+            raise ValueError(raw)
+        return OwnerKey(busy_us, owner), now
+    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
+        raise ApiError(400, "invalid_parameter", "cursor is not one this API issued") from None
 
 
 def check_days(window: Window) -> None:
