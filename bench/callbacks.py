@@ -150,6 +150,19 @@ def backend_cpu(engine: Engine, application_name: str) -> dict[int, float]:
         return {pid: cpu for pid in pids if (cpu := proc_cpu(pid)) is not None}
 
 
+def callback_paths(metrics_url: str) -> dict[str, int]:
+    """manager_callback_paths_total by path, summed over the workers, from /metrics."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:  # noqa: S310 - 127.0.0.1 only
+        text_ = response.read().decode()
+    paths: dict[str, int] = {}
+    for line in text_.splitlines():
+        if line.startswith("manager_callback_paths_total{"):
+            labels, value = line.rsplit(" ", 1)
+            path = labels.split('path="', 1)[1].split('"', 1)[0]
+            paths[path] = paths.get(path, 0) + int(float(value))
+    return paths
+
+
 def diff_counts(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
     return {k: n - before.get(k, 0) for k, n in sorted(after.items()) if n - before.get(k, 0)}
 
@@ -625,12 +638,13 @@ def main(argv: list[str] | None = None) -> int:
                     time.sleep(0.5)
             verdicts = diff_counts(verdict_counts(engine), verdicts_before)
             baseline_rows = count_rows(engine, "baseline_bodies") - baseline_rows_before
+            paths = callback_paths(f"{manager_base}/metrics")
         finally:
             for proc in reversed(procs):
                 stop(proc)
             engine.dispose()
 
-        return report(results, held, verdicts, baseline_rows, args)
+        return report(results, held, verdicts, baseline_rows, paths, args)
 
 
 def report(
@@ -638,6 +652,7 @@ def report(
     held: list[HeldResult],
     verdicts: dict[str, int],
     baseline_rows: int,
+    paths: dict[str, int],
     args: argparse.Namespace,
 ) -> int:
     base, mgr = results["baseline"], results["manager"]
@@ -685,6 +700,10 @@ def report(
         f"deliveries recorded in measured runs: {sum(verdicts.values())} "
         f"(wrk counted {manager_requests} responses; requests in flight when wrk stops "
         f"are recorded but not counted) {verdicts}"
+    )
+    print(
+        f"how manager applied them (whole run, warm-up included): {paths} "
+        "(fast: one statement; locked: the transaction, after the fast path wrote nothing)"
     )
     if repeated:
         print(

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from prometheus_client import REGISTRY
 from sqlalchemy import Engine, func, select, text
 from sqlalchemy.orm import Session
 
@@ -188,3 +189,15 @@ def test_a_lock_held_without_a_write_is_waited_for_then_applied(
     assert answer == {"status": 200, "json": {"code": 0, "verdict": "applied"}}
     task = db.execute(select(Task)).scalar_one()
     assert task.max_seq == 2
+
+
+def test_the_path_each_delivery_took_is_counted(client: FlaskClient) -> None:
+    def taken(path: str) -> float:
+        return REGISTRY.get_sample_value("manager_callback_paths_total", {"path": path}) or 0.0
+
+    fast, locked = taken("fast"), taken("locked")
+    body = callback(task_id="f-1")
+    assert post(client, body).json["verdict"] == "applied"
+    assert (taken("fast") - fast, taken("locked") - locked) == (1, 0)
+    assert post(client, body).json["verdict"] == "duplicate"  # its nonce was seen
+    assert (taken("fast") - fast, taken("locked") - locked) == (1, 1)

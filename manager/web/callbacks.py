@@ -16,7 +16,7 @@ from .. import MAX_BODY_BYTES, get_settings
 from ..db import write_connection
 from ..errors import error_response
 from ..lifecycle import apply_callback, utcnow
-from ..metrics import CALLBACK_LATENCY, count_delivery
+from ..metrics import CALLBACK_LATENCY, FAST_PATH, LOCKED_PATH, count_delivery
 from ..models import Delivery
 from ..pg_fastpath import try_apply
 from ..zego.callbacks import CallbackError, decode_body, parse_callback, verify_callback
@@ -73,6 +73,7 @@ def _receive(path_event: str | None, received_at: Any) -> tuple[Response, int]:
         if fast_engine is not None:
             with fast_engine.connect() as conn:
                 outcome = try_apply(conn, cb, **delivery)
+            (LOCKED_PATH if outcome is None else FAST_PATH).inc()
         if outcome is None:
             with write_connection(engine) as conn:
                 outcome = apply_callback(conn, cb, **delivery)
