@@ -422,16 +422,13 @@ def _all_owners(
         (per_owner.c.owner.is_(None), running_unowned),
         else_=func.coalesce(running.c.n, 0),
     )
+    # Sorted on the microseconds (the same order as the spans): a million rows sort
+    # faster on a bigint than on an interval, and the output needs them anyway.
+    busy_us = sql.total_us(per_owner.c.busy).label("busy_us")
     query = (
-        select(
-            per_owner.c.owner,
-            per_owner.c.tasks,
-            running_n,
-            per_owner.c.failed,
-            sql.total_us(per_owner.c.busy),
-        )
+        select(per_owner.c.owner, per_owner.c.tasks, running_n, per_owner.c.failed, busy_us)
         .outerjoin(running, running.c.owner == per_owner.c.owner)
-        .order_by(per_owner.c.busy.desc(), per_owner.c.owner.asc().nulls_last())
+        .order_by(busy_us.desc(), per_owner.c.owner.asc().nulls_last())
     )
     if after is not None:
         query = query.where(_comes_after(sql, per_owner.c.busy, per_owner.c.owner, after))
