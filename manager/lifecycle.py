@@ -299,13 +299,9 @@ _PG_LOCK_AND_CLAIM = f"""
 # Step 2: record the delivery under its event key and, only if the key was free, write
 # the task back, and its current run where this delivery changed it (a run that a
 # new one follows without a stop callback ends where the new one starts). No row:
-# another delivery holds the key.
-_PG_RECORD_AND_WRITE_BACK = f"""
-    WITH d AS (
-        INSERT INTO deliveries {insert_columns(DELIVERY_COLUMNS)}
-        ON CONFLICT (event_key) DO NOTHING
-        RETURNING id
-    ), written AS (
+# another delivery holds the key. The write-back, after a CTE `d` that recorded the
+# delivery, is shared with the fast path.
+WRITE_BACK_CTES = f"""written AS (
         UPDATE tasks SET {set_clause(WRITTEN)}
         WHERE id = %(task_pk)s AND EXISTS (SELECT FROM d)
     ), closed AS (
@@ -321,7 +317,13 @@ _PG_RECORD_AND_WRITE_BACK = f"""
         ON CONFLICT (task_pk, run_no) DO UPDATE SET owner = EXCLUDED.owner,
             started_at = EXCLUDED.started_at, ended_at = EXCLUDED.ended_at,
             stop_reason = EXCLUDED.stop_reason
-    )
+    )"""  # noqa: S608 - column names from the model, values bound
+_PG_RECORD_AND_WRITE_BACK = f"""
+    WITH d AS (
+        INSERT INTO deliveries {insert_columns(DELIVERY_COLUMNS)}
+        ON CONFLICT (event_key) DO NOTHING
+        RETURNING id
+    ), {WRITE_BACK_CTES}
     SELECT id FROM d
 """  # noqa: S608 - column names from the model, values bound
 

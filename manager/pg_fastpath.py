@@ -36,6 +36,7 @@ from .lifecycle import (
     DELIVERY_COLUMNS,
     NEW_TASK,
     STATE_FIELDS,
+    WRITE_BACK_CTES,
     WRITTEN,
     Outcome,
     TaskState,
@@ -43,7 +44,6 @@ from .lifecycle import (
     pg_json,
     run_of,
     run_values,
-    set_clause,
     task_values,
 )
 from .models import Delivery
@@ -94,20 +94,8 @@ def _create(
     conn: Connection, cb: Callback, delivery: dict[str, Any], claim: dict[str, Any]
 ) -> Outcome | None:
     received_at = delivery["received_at"]
-    task = replace(_FRESH, updated_at=received_at)
-    before = run_of(task)
-    verdict, reason = apply_to_task(task, cb, received_at)
-    values = {
-        **delivery,
-        **claim,
-        **task_values(task),
-        **run_values(task, before),
-        "verdict": verdict,
-        "reason": reason,
-        "first_seen_at": received_at,
-        "input": pg_json(task.input),
-        "outputs": pg_json(task.outputs),
-    }
+    verdict, reason, values = _applied(replace(_FRESH, updated_at=received_at), cb, delivery)
+    values.update(claim, first_seen_at=received_at)
     try:
         task_pk, delivery_id = driver_execute(conn, _PG_CREATE, values)
     except IntegrityError as exc:
@@ -127,20 +115,8 @@ def _apply_to_existing(
     delivery: dict[str, Any],
     claim: dict[str, Any],
 ) -> Outcome | None:
-    received_at = delivery["received_at"]
-    before = run_of(task)
-    verdict, reason = apply_to_task(task, cb, received_at)
-    values = {
-        **delivery,
-        **claim,
-        **task_values(task),
-        **run_values(task, before),
-        "verdict": verdict,
-        "reason": reason,
-        "xmin": xmin,
-        "input": pg_json(task.input),
-        "outputs": pg_json(task.outputs),
-    }
+    verdict, reason, values = _applied(task, cb, delivery)
+    values.update(claim, xmin=xmin)
     delivery_id, duplicate_id = driver_execute(conn, _PG_WRITE_IF_UNCHANGED, values)
     if delivery_id is not None:
         return Outcome(verdict, reason, task.id, delivery_id)
@@ -148,6 +124,24 @@ def _apply_to_existing(
         # Another delivery holds the event key: this one is a resend, with a new nonce.
         return Outcome("duplicate", "same_event", task.id, duplicate_id)
     return None  # the task changed since it was read, or the nonce was seen
+
+
+def _applied(
+    task: TaskState, cb: Callback, delivery: dict[str, Any]
+) -> tuple[str, str | None, dict[str, Any]]:
+    """The rules applied to `task`: the verdict, and the statement's values."""
+    before = run_of(task)
+    verdict, reason = apply_to_task(task, cb, delivery["received_at"])
+    values = {
+        **delivery,
+        **task_values(task),
+        **run_values(task, before),
+        "verdict": verdict,
+        "reason": reason,
+        "input": pg_json(task.input),
+        "outputs": pg_json(task.outputs),
+    }
+    return verdict, reason, values
 
 
 def _is_undo(exc: IntegrityError) -> bool:
@@ -247,21 +241,7 @@ _PG_WRITE_IF_UNCHANGED = f"""
         SELECT %(task_pk)s::integer, {_DELIVERY_VALUES} FROM n
         ON CONFLICT (event_key) DO NOTHING
         RETURNING id
-    ), written AS (
-        UPDATE tasks SET {set_clause(WRITTEN)}
-        WHERE id = %(task_pk)s AND EXISTS (SELECT FROM d)
-    ), closed AS (
-        UPDATE task_runs SET ended_at = %(run_started_at)s::timestamp
-        WHERE task_pk = %(task_pk)s AND run_no < %(run_number)s AND ended_at IS NULL
-            AND %(run_changed)s::boolean AND EXISTS (SELECT FROM d)
-    ), run AS (
-        INSERT INTO task_runs ({_RUN_COLUMNS})
-        SELECT %(task_pk)s::integer, {_RUN_VALUES}
-        WHERE %(run_changed)s::boolean AND EXISTS (SELECT FROM d)
-        ON CONFLICT (task_pk, run_no) DO UPDATE SET owner = EXCLUDED.owner,
-            started_at = EXCLUDED.started_at, ended_at = EXCLUDED.ended_at,
-            stop_reason = EXCLUDED.stop_reason
-    ), duplicate AS (
+    ), {WRITE_BACK_CTES}, duplicate AS (
         INSERT INTO deliveries (task_pk, {", ".join(_RECORDED)})
         SELECT %(task_pk)s::integer, {_DUPLICATE_VALUES} FROM n
         WHERE NOT EXISTS (SELECT FROM d)

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import select, text
+from sqlalchemy import Connection, select, text
 from sqlalchemy.orm import Session
 
 from manager.models import Delivery, Task
@@ -51,30 +51,39 @@ def wait_for_lock_wait(db: Session, pids_before: set[int]) -> None:
     pytest.fail("the callback never waited for the other transaction's insert")
 
 
-def test_task_created_meanwhile_by_another_transaction_is_locked_and_applied(
-    app: Flask, client: FlaskClient, db: Session
-) -> None:
-    engine = app.extensions["manager.engine"]
+def post_while_another_transaction_holds(
+    client: FlaskClient, db: Session, other: Connection, body: dict[str, object]
+) -> dict[str, Any]:
+    """POST `body` from a thread, let it wait for a lock of `other`'s, then commit
+    `other`; the answer's status and JSON."""
     answer: dict[str, Any] = {}
 
     def deliver() -> None:
-        body = callback(task_id="race-1", user_id="owner-r", sequence=4)
         response = client.post(
             "/callbacks/zego", data=json.dumps(body), content_type="application/json"
         )
         answer.update(status=response.status_code, json=response.json)
 
+    others = {other.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()}
+    thread = threading.Thread(target=deliver)
+    thread.start()
+    try:
+        wait_for_lock_wait(db, others)
+    finally:
+        other.commit()
+        thread.join(timeout=60)
+    assert not thread.is_alive()
+    return answer
+
+
+def test_task_created_meanwhile_by_another_transaction_is_locked_and_applied(
+    app: Flask, client: FlaskClient, db: Session
+) -> None:
+    engine = app.extensions["manager.engine"]
+    body = callback(task_id="race-1", user_id="owner-r", sequence=4)
     with engine.connect() as other:
         other.execute(INSERT_TASK, {"app_id": APP_ID, "task_id": "race-1"})
-        others = {other.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()}
-        thread = threading.Thread(target=deliver)
-        thread.start()
-        try:
-            wait_for_lock_wait(db, others)
-        finally:
-            other.commit()
-            thread.join(timeout=60)
-    assert not thread.is_alive()
+        answer = post_while_another_transaction_holds(client, db, other, body)
 
     assert answer == {"status": 200, "json": {"code": 0, "verdict": "applied"}}
     task = db.execute(select(Task).where(Task.task_id == "race-1")).scalar_one()

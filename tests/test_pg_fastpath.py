@@ -4,7 +4,6 @@ or not at all, and leaves every case it does not settle to the locked path."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 from datetime import datetime
 from typing import Any
@@ -24,7 +23,7 @@ from manager.sqlutil import driver_execute
 from manager.zego.callbacks import Callback, parse_callback
 
 from .conftest import callback
-from .test_callback_race import wait_for_lock_wait
+from .test_callback_race import post_while_another_transaction_holds
 
 pytestmark = pytest.mark.postgres
 
@@ -169,26 +168,12 @@ def test_a_lock_held_without_a_write_is_waited_for_then_applied(
     leaves its row version as it was: the write waits for it, then goes ahead."""
     engine = app.extensions["manager.engine"]  # a transaction, to hold the lock
     assert post(client, callback(task_id="f-1", sequence=1)).status_code == 200
-    answer: dict[str, Any] = {}
-
-    def deliver() -> None:
-        body = callback(task_id="f-1", status="TranscodeUpdated", sequence=2)
-        response = post(client, body)
-        answer.update(status=response.status_code, json=response.json)
-
+    body = callback(task_id="f-1", status="TranscodeUpdated", sequence=2)
     with engine.connect() as other:
         other.exec_driver_sql("SELECT id FROM tasks WHERE task_id = 'f-1' FOR UPDATE")
-        others = {other.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()}
-        thread = threading.Thread(target=deliver)
-        thread.start()
-        try:
-            wait_for_lock_wait(db, others)
-        finally:
-            other.commit()
-            thread.join(timeout=60)
+        answer = post_while_another_transaction_holds(client, db, other, body)
     assert answer == {"status": 200, "json": {"code": 0, "verdict": "applied"}}
-    task = db.execute(select(Task)).scalar_one()
-    assert task.max_seq == 2
+    assert db.execute(select(Task.max_seq)).scalar_one() == 2
 
 
 def test_the_path_each_delivery_took_is_counted(client: FlaskClient) -> None:
