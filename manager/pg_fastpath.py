@@ -73,19 +73,16 @@ def try_apply(
         "event_key": cb.event_key(),
     }
     claim = {"body_sha256": cb.body_digest(), "seen_at": received_at}
-    key = {"app_id": cb.app_id, "task_id": cb.task_id}
-    if not (cb.status == STATUS_STARTED and not cb.is_stop):
-        row = driver_execute(conn, _PG_READ, key)
-        if row is not None:
-            xmin, *state = row
-            return _apply_to_existing(conn, cb, TaskState(*state), xmin, delivery, claim)
-    outcome = _create(conn, cb, delivery, claim)
-    if outcome is not None or not (cb.status == STATUS_STARTED and not cb.is_stop):
-        return outcome
-    # A TranscodeStarted of a task that exists: a restart, or a resend.
-    row = driver_execute(conn, _PG_READ, key)
+    # A TranscodeStarted is usually its task's first callback: create the task at once.
+    first_start = cb.status == STATUS_STARTED and not cb.is_stop
+    if first_start:
+        outcome = _create(conn, cb, delivery, claim)
+        if outcome is not None:
+            return outcome
+    row = driver_execute(conn, _PG_READ, {"app_id": cb.app_id, "task_id": cb.task_id})
     if row is None:
-        return None
+        # A start's create wrote nothing with no task there: its nonce or key was taken.
+        return None if first_start else _create(conn, cb, delivery, claim)
     xmin, *state = row
     return _apply_to_existing(conn, cb, TaskState(*state), xmin, delivery, claim)
 
