@@ -50,7 +50,7 @@ sys.path.insert(0, str(REPO))
 
 from common import bench_database  # noqa: E402  (bench/common.py)
 
-from manager import reporting, rollups  # noqa: E402
+from manager import dispose_engines, reporting, rollups  # noqa: E402
 from manager.db import make_engine, make_session_factory  # noqa: E402
 from manager.migrate import upgrade  # noqa: E402
 
@@ -227,7 +227,7 @@ def time_reports(url: str, now: datetime, repeat: int) -> list[tuple[str, float,
         fetch()
         med, worst, size = median_seconds(fetch, repeat)
         results.append((label, med, worst, f"{size} bytes"))
-    app.extensions["manager.engine"].dispose()
+    dispose_engines(app)
     return results
 
 
@@ -257,7 +257,7 @@ def export_child(url: str, path: str) -> None:
             size += len(data)
             rows += data.count(b"\n")
     response.close()
-    app.extensions["manager.engine"].dispose()
+    dispose_engines(app)
     print(f"{max(rows - 1, 0)} {size} {peak_rss_kb()}")
 
 

@@ -108,7 +108,7 @@ def queue_bulk_stop(env: dict[str, str]) -> None:
         text=True,
         check=True,
     ).stdout.strip()
-    from manager import create_app
+    from manager import create_app, dispose_engines
 
     os.environ.update(env)
     app = create_app()
@@ -118,7 +118,7 @@ def queue_bulk_stop(env: dict[str, str]) -> None:
         headers={"Authorization": f"Bearer {token}"},
     )
     assert response.status_code == 202, response.json
-    app.extensions["manager.engine"].dispose()
+    dispose_engines(app)
 
 
 def main() -> int:

@@ -260,15 +260,23 @@ NEW_TASK_SQL = ", ".join(
 # than the statement's snapshot): the row then comes back with a NULL id and no nonce
 # claimed, and _PG_LOCK_AND_CLAIM, a statement of its own, does both.
 _TASK_COLUMNS = ", ".join("t." + name for name in STATE_FIELDS)
-_CLAIM_FROM_TASK = """
-    n AS (
+
+
+def claim_nonce_cte(source: str) -> str:
+    """CTE `n`: the nonce claimed once for each row of `source`; a row if it was free.
+
+    Shared with the fast path, so that both paths claim from the locked task's row.
+    """
+    return f"""n AS (
         INSERT INTO callback_nonces (zego_timestamp, nonce, body_sha256, seen_at)
         SELECT %(zego_timestamp)s::bigint, %(nonce)s::varchar, %(body_sha256)s::varchar,
             %(seen_at)s::timestamp
-        FROM task
+        FROM {source}
         ON CONFLICT DO NOTHING
         RETURNING 1
-    )"""
+    )"""  # noqa: S608 - a CTE's name, values bound
+
+
 _PG_CLAIM_AND_LOCK = f"""
     WITH created AS (
         INSERT INTO tasks AS t (
@@ -283,7 +291,7 @@ _PG_CLAIM_AND_LOCK = f"""
         FOR UPDATE OF t
     ), task AS (
         SELECT * FROM created UNION ALL SELECT * FROM locked
-    ), {_CLAIM_FROM_TASK}
+    ), {claim_nonce_cte("task")}
     SELECT task.*, (SELECT count(*) FROM n) AS claimed
     FROM (SELECT) AS one LEFT JOIN task ON true
 """  # noqa: S608 - column names from the model, values bound
@@ -292,7 +300,7 @@ _PG_LOCK_AND_CLAIM = f"""
         SELECT {_TASK_COLUMNS} FROM tasks AS t
         WHERE t.app_id = %(app_id)s AND t.task_id = %(task_id)s
         FOR UPDATE OF t
-    ), {_CLAIM_FROM_TASK}
+    ), {claim_nonce_cte("task")}
     SELECT task.*, (SELECT count(*) FROM n) AS claimed FROM task
 """  # noqa: S608 - column names from the model, values bound
 

@@ -41,6 +41,7 @@ from .lifecycle import (
     Outcome,
     TaskState,
     apply_to_task,
+    claim_nonce_cte,
     pg_json,
     run_of,
     run_values,
@@ -171,11 +172,6 @@ _PG_READ = f"""
     WHERE app_id = %(app_id)s AND task_id = %(task_id)s
 """  # noqa: S608 - column names from the model, values bound
 
-_CLAIM_COLUMNS = "zego_timestamp, nonce, body_sha256, seen_at"
-_CLAIM_VALUES = (
-    "%(zego_timestamp)s::bigint, %(nonce)s::varchar, %(body_sha256)s::varchar,"
-    " %(seen_at)s::timestamp"
-)
 _RECORDED = tuple(c for c in DELIVERY_COLUMNS if c != "task_pk")
 _DELIVERY_VALUES = ", ".join(_typed(c) for c in _RECORDED)
 # A resend under a new nonce: recorded without the key another delivery holds.
@@ -199,12 +195,7 @@ _PG_CREATE = f"""
             {", ".join(f"%({name})s" for name in WRITTEN)})
         ON CONFLICT (app_id, task_id) DO NOTHING
         RETURNING id
-    ), n AS (
-        INSERT INTO callback_nonces ({_CLAIM_COLUMNS})
-        SELECT {_CLAIM_VALUES} FROM created
-        ON CONFLICT DO NOTHING
-        RETURNING 1
-    ), d AS (
+    ), {claim_nonce_cte("created")}, d AS (
         INSERT INTO deliveries (task_pk, {", ".join(_RECORDED)})
         SELECT created.id, {_DELIVERY_VALUES} FROM created, n
         ON CONFLICT (event_key) DO NOTHING
@@ -228,12 +219,7 @@ _PG_CREATE = f"""
 _PG_WRITE_IF_UNCHANGED = f"""
     WITH t AS (
         SELECT id FROM tasks WHERE id = %(task_pk)s AND xmin = %(xmin)s::xid FOR UPDATE
-    ), n AS (
-        INSERT INTO callback_nonces ({_CLAIM_COLUMNS})
-        SELECT {_CLAIM_VALUES} FROM t
-        ON CONFLICT DO NOTHING
-        RETURNING 1
-    ), d AS (
+    ), {claim_nonce_cte("t")}, d AS (
         INSERT INTO deliveries (task_pk, {", ".join(_RECORDED)})
         SELECT %(task_pk)s::integer, {_DELIVERY_VALUES} FROM n
         ON CONFLICT (event_key) DO NOTHING

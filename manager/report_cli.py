@@ -12,7 +12,7 @@ from flask import current_app
 from flask.cli import with_appcontext
 
 from .errors import ApiError
-from .queries import iso
+from .queries import iso, parse_limit
 from .reporting import (
     COLUMNS,
     LIST_KEYS,
@@ -61,7 +61,6 @@ def report_command(
     limit: str | None,
 ) -> None:
     """Print a report: summary, owners, daily or stuck."""
-    from .queries import parse_limit
     from .web.reports import check_days, parse_silent_for, parse_window
 
     try:
