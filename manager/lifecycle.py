@@ -9,7 +9,10 @@ and on PostgreSQL's fast path (manager/pg_fastpath.py), so concurrent deliveries
 cannot deadlock, and the result is the same as some serial order.
 
 The rules (`apply_to_task`) run in Python on a `TaskState`, a plain copy of the
-locked row, for every backend. Around them this is the hot path of the service,
+locked row, for every backend. PostgreSQL's fast path runs a copy of them in the
+database, in manager_apply_callback() (migrations/versions/0011_*): a change to the
+rules here needs the same change there, in a new migration, and
+tests/test_pg_function.py fails until both agree. Around them this is the hot path of the service,
 so it runs statements built once, at import, on the caller's connection: on
 PostgreSQL one statement creates or locks the task and claims the nonce, and one
 records the delivery and writes the task back only if the delivery's event key
@@ -262,11 +265,9 @@ NEW_TASK_SQL = ", ".join(
 _TASK_COLUMNS = ", ".join("t." + name for name in STATE_FIELDS)
 
 
-def claim_nonce_cte(source: str) -> str:
-    """CTE `n`: the nonce claimed once for each row of `source`; a row if it was free.
-
-    Shared with the fast path, so that both paths claim from the locked task's row.
-    """
+def _claim_nonce_cte(source: str) -> str:
+    """CTE `n`: the nonce claimed once for each row of `source`; a row if it was free,
+    claimed from the locked task's row so that the task is always locked first."""
     return f"""n AS (
         INSERT INTO callback_nonces (zego_timestamp, nonce, body_sha256, seen_at)
         SELECT %(zego_timestamp)s::bigint, %(nonce)s::varchar, %(body_sha256)s::varchar,
@@ -291,7 +292,7 @@ _PG_CLAIM_AND_LOCK = f"""
         FOR UPDATE OF t
     ), task AS (
         SELECT * FROM created UNION ALL SELECT * FROM locked
-    ), {claim_nonce_cte("task")}
+    ), {_claim_nonce_cte("task")}
     SELECT task.*, (SELECT count(*) FROM n) AS claimed
     FROM (SELECT) AS one LEFT JOIN task ON true
 """  # noqa: S608 - column names from the model, values bound
@@ -300,16 +301,20 @@ _PG_LOCK_AND_CLAIM = f"""
         SELECT {_TASK_COLUMNS} FROM tasks AS t
         WHERE t.app_id = %(app_id)s AND t.task_id = %(task_id)s
         FOR UPDATE OF t
-    ), {claim_nonce_cte("task")}
+    ), {_claim_nonce_cte("task")}
     SELECT task.*, (SELECT count(*) FROM n) AS claimed FROM task
 """  # noqa: S608 - column names from the model, values bound
 
 # Step 2: record the delivery under its event key and, only if the key was free, write
 # the task back, and its current run where this delivery changed it (a run that a
 # new one follows without a stop callback ends where the new one starts). No row:
-# another delivery holds the key. The write-back, after a CTE `d` that recorded the
-# delivery, is shared with the fast path.
-WRITE_BACK_CTES = f"""written AS (
+# another delivery holds the key.
+_PG_RECORD_AND_WRITE_BACK = f"""
+    WITH d AS (
+        INSERT INTO deliveries {insert_columns(DELIVERY_COLUMNS)}
+        ON CONFLICT (event_key) DO NOTHING
+        RETURNING id
+    ), written AS (
         UPDATE tasks SET {set_clause(WRITTEN)}
         WHERE id = %(task_pk)s AND EXISTS (SELECT FROM d)
     ), closed AS (
@@ -325,13 +330,7 @@ WRITE_BACK_CTES = f"""written AS (
         ON CONFLICT (task_pk, run_no) DO UPDATE SET owner = EXCLUDED.owner,
             started_at = EXCLUDED.started_at, ended_at = EXCLUDED.ended_at,
             stop_reason = EXCLUDED.stop_reason
-    )"""  # noqa: S608 - column names from the model, values bound
-_PG_RECORD_AND_WRITE_BACK = f"""
-    WITH d AS (
-        INSERT INTO deliveries {insert_columns(DELIVERY_COLUMNS)}
-        ON CONFLICT (event_key) DO NOTHING
-        RETURNING id
-    ), {WRITE_BACK_CTES}
+    )
     SELECT id FROM d
 """  # noqa: S608 - column names from the model, values bound
 

@@ -1,5 +1,6 @@
-"""PostgreSQL's one-statement path (manager/pg_fastpath.py): it writes a delivery whole
-or not at all, and leaves every case it does not settle to the locked path."""
+"""PostgreSQL's one-call path (manager/pg_fastpath.py, manager_apply_callback()): it
+writes a delivery whole or not at all, and leaves every case it does not settle to the
+locked path. tests/test_pg_function.py holds its rules to the locked path's."""
 
 from __future__ import annotations
 
@@ -15,15 +16,13 @@ from prometheus_client import REGISTRY
 from sqlalchemy import Engine, func, select, text
 from sqlalchemy.orm import Session
 
-from manager import pg_fastpath
 from manager.lifecycle import Outcome, utcnow
 from manager.models import CallbackNonce, Delivery, Task, TaskRun
 from manager.pg_fastpath import try_apply
-from manager.sqlutil import driver_execute
 from manager.zego.callbacks import Callback, parse_callback
 
-from .conftest import callback
-from .test_callback_race import post_while_another_transaction_holds
+from .conftest import APP_ID, callback
+from .test_callback_race import INSERT_TASK, post_while_another_transaction_holds
 
 pytestmark = pytest.mark.postgres
 
@@ -44,6 +43,11 @@ def counts(db: Session) -> tuple[int, int, int, int]:
     result = tuple(db.execute(select(func.count()).select_from(t)).scalar_one() for t in tables)
     db.rollback()
     return result  # type: ignore[return-value]
+
+
+def taken(path: str) -> float:
+    """Callbacks applied so far by `path` (fast or locked)."""
+    return REGISTRY.get_sample_value("manager_callback_paths_total", {"path": path}) or 0.0
 
 
 def post(client: FlaskClient, body: dict[str, object]) -> Any:
@@ -137,28 +141,36 @@ def test_a_seen_nonce_is_left_to_the_locked_path(
     assert post(client, body).json == {"code": 0, "verdict": "duplicate"}
 
 
-def test_a_task_changed_since_it_was_read_writes_nothing(
-    app: Flask, db: Session, monkeypatch: pytest.MonkeyPatch
+def test_a_task_created_meanwhile_is_locked_and_applied_in_the_same_call(
+    app: Flask, client: FlaskClient, db: Session
 ) -> None:
-    """Another delivery commits between the read and the write: the write sees a new
-    row version (xmin) and writes nothing, so the locked path applies the delivery."""
-    engine = app.extensions["manager.autocommit_engine"]
-    assert apply_fast(engine, parsed(task_id="f-1", sequence=1)) is not None
-    interloper = parsed(event="transcode_stop", task_id="f-1", sequence=3, stop_reason=0)
-
-    def read_then_let_another_write(conn: Any, statement: str, params: Any) -> Any:
-        row = driver_execute(conn, statement, params)
-        if statement == pg_fastpath._PG_READ:
-            monkeypatch.undo()
-            assert apply_fast(engine, interloper) is not None
-        return row
-
-    monkeypatch.setattr(pg_fastpath, "driver_execute", read_then_let_another_write)
-    late = parsed(task_id="f-1", status="TranscodeUpdated", sequence=2)
-    assert apply_fast(engine, late) is None
-    assert counts(db) == (1, 2, 1, 2)  # the start and the stop only
+    """Another transaction creates the task first: the function's insert waits for it,
+    finds the task there, and applies the delivery to it, without the locked path."""
+    engine = app.extensions["manager.engine"]  # a transaction, to hold the new row
+    fast, locked = taken("fast"), taken("locked")
+    body = callback(task_id="f-1", user_id="u-7", sequence=4)
+    with engine.connect() as other:
+        other.execute(INSERT_TASK, {"app_id": APP_ID, "task_id": "f-1"})
+        answer = post_while_another_transaction_holds(client, db, other, body)
+    assert answer == {"status": 200, "json": {"code": 0, "verdict": "applied"}}
+    assert (taken("fast") - fast, taken("locked") - locked) == (1, 0)
     task = db.execute(select(Task)).scalar_one()
-    assert (task.status, task.max_seq) == ("stopped", 3)
+    assert (task.status, task.owner, task.max_seq, task.runs) == ("running", "u-7", 4, 1)
+    assert counts(db) == (1, 1, 1, 1)
+
+
+def test_a_new_task_whose_event_key_is_taken_writes_nothing(app: Flask, db: Session) -> None:
+    """Only a deleted task can leave its event key behind; the locked path sorts it out."""
+    engine = app.extensions["manager.autocommit_engine"]
+    cb = parsed(task_id="f-1", sequence=2)
+    assert apply_fast(engine, cb) is not None
+    db.execute(text("UPDATE deliveries SET task_pk = NULL"))
+    db.execute(text("DELETE FROM tasks"))
+    db.commit()
+    again = parsed(task_id="f-1", sequence=2, timestamp=int(time.time()) + 3)
+    assert again.event_key() == cb.event_key()
+    assert apply_fast(engine, again) is None
+    assert counts(db) == (0, 1, 0, 1)
 
 
 def test_a_lock_held_without_a_write_is_waited_for_then_applied(
@@ -177,9 +189,6 @@ def test_a_lock_held_without_a_write_is_waited_for_then_applied(
 
 
 def test_the_path_each_delivery_took_is_counted(client: FlaskClient) -> None:
-    def taken(path: str) -> float:
-        return REGISTRY.get_sample_value("manager_callback_paths_total", {"path": path}) or 0.0
-
     fast, locked = taken("fast"), taken("locked")
     body = callback(task_id="f-1")
     assert post(client, body).json["verdict"] == "applied"
