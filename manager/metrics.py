@@ -24,10 +24,11 @@ CALLBACK_LATENCY = Histogram(
     "Time to verify, apply and commit one callback",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
-# PostgreSQL: deliveries settled by one statement, or left to the locked path.
+# PostgreSQL: deliveries settled by one call of manager_apply_callback(), or left to the
+# locked path.
 CALLBACK_PATHS = Counter(
     "manager_callback_paths_total",
-    "Verified callbacks by how they were applied on PostgreSQL: fast (one statement) or locked",
+    "Verified callbacks by how they were applied on PostgreSQL: fast (one function call) or locked",
     ["path"],
 )
 FAST_PATH = CALLBACK_PATHS.labels("fast")

@@ -54,7 +54,7 @@ def post(client: FlaskClient, body: dict[str, object]) -> Any:
     return client.post("/callbacks/zego", data=json.dumps(body), content_type="application/json")
 
 
-def test_a_first_start_is_one_statement_with_its_run(app: Flask, db: Session) -> None:
+def test_a_first_start_is_one_call_with_its_run(app: Flask, db: Session) -> None:
     engine = app.extensions["manager.autocommit_engine"]
     outcome = apply_fast(engine, parsed(task_id="f-1", user_id="u-1", sequence=3))
     assert outcome is not None
@@ -105,9 +105,7 @@ def test_a_start_of_an_existing_task_reads_it_and_applies(app: Flask, db: Sessio
     assert runs.all() == [(1, 0), (2, None)]
 
 
-def test_a_resend_with_a_new_nonce_is_a_duplicate_in_the_same_statement(
-    app: Flask, db: Session
-) -> None:
+def test_a_resend_with_a_new_nonce_is_a_duplicate_in_the_same_call(app: Flask, db: Session) -> None:
     engine = app.extensions["manager.autocommit_engine"]
     assert apply_fast(engine, parsed(task_id="f-1", sequence=5)) is not None
     db.execute(text("UPDATE tasks SET last_delivery_at = '2000-01-01'"))
