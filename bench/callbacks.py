@@ -430,10 +430,10 @@ def describe_held(r: HeldResult) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    p.add_argument("--duration", type=int, default=15, help="seconds per measured run")
+    p.add_argument("--duration", type=int, default=10, help="seconds per measured run")
     p.add_argument("--connections", type=int, default=16, help="wrk -c (same for both)")
     p.add_argument("--threads", type=int, default=2, help="wrk -t (same for both)")
-    p.add_argument("--rounds", type=int, default=3, help="baseline+manager pairs to run")
+    p.add_argument("--rounds", type=int, default=5, help="baseline+manager pairs to run")
     p.add_argument("--warmup", type=int, default=3, help="seconds of unmeasured load first")
     p.add_argument(
         "--rate",
@@ -712,6 +712,18 @@ def report(
         f"non-2xx/errors {mgr_non_2xx}   {cpu(mgr)}"
     )
     print(f"ratio     manager/baseline = {ratio:.3f}  (target >= {TARGET_RATIO})")
+    # Each manager run against the baseline runs on either side of it: the machine's
+    # speed drifts between runs, and a neighbouring pair shares most of the drift.
+    paired = [
+        m.rate / statistics.mean(b.rate for b in base[i : i + 2] if b.rate)
+        for i, m in enumerate(mgr)
+        if any(b.rate for b in base[i : i + 2])
+    ]
+    if len(paired) > 1:
+        print(
+            f"paired    manager run / its neighbouring baseline runs: median "
+            f"{statistics.median(paired):.3f}, from {min(paired):.3f} to {max(paired):.3f}"
+        )
     for target, runs in held_by_target.items():
         if not runs:
             continue
