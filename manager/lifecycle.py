@@ -147,19 +147,22 @@ def apply_callback(
         run_before = run_of(task)
         verdict, reason = apply_to_task(task, cb, received_at)
         delivery.update(event_key=cb.event_key(), verdict=verdict, reason=reason)
-        values = {**delivery, **task_values(task), **run_values(task, run_before)}
+        # The delivery keeps the callback's own status and stop_reason; the task's
+        # columns of the same names get the task's.
+        state = {**task_values(task), **run_values(task, run_before)}
         if postgres:
-            values.update(input=pg_json(task.input), outputs=pg_json(task.outputs))
+            values = {_DELIVERY_PREFIX + name: value for name, value in delivery.items()}
+            values.update(state, input=pg_json(task.input), outputs=pg_json(task.outputs))
             row = driver_execute(conn, _PG_RECORD_AND_WRITE_BACK, values)
             delivery_id = None if row is None else row[0]
         else:
-            delivery_id = conn.execute(_INSERT_DELIVERY_IGNORE, values).scalar()
+            delivery_id = conn.execute(_INSERT_DELIVERY_IGNORE, delivery).scalar()
             if delivery_id is not None:
-                conn.execute(_WRITE_BACK_TASK, values)
-                if values["run_changed"]:
+                conn.execute(_WRITE_BACK_TASK, state)
+                if state["run_changed"]:
                     # Only the run's own keys: Core would turn any other column-named
                     # key into a SET target.
-                    run = {k: v for k, v in values.items() if k.startswith("run_")}
+                    run = {k: v for k, v in state.items() if k.startswith("run_")}
                     conn.execute(_CLOSE_EARLIER_RUNS, run)
                     conn.execute(_UPSERT_RUN, run)
         if delivery_id is not None:
@@ -225,6 +228,9 @@ _TASKS = cast(Table, Task.__table__)
 _DELIVERIES = cast(Table, Delivery.__table__)
 _NONCES = cast(Table, CallbackNonce.__table__)
 DELIVERY_COLUMNS = tuple(c.name for c in _DELIVERIES.columns if c.name != "id")
+# The delivery's values in a statement that also writes the task back, whose status
+# and stop_reason are other values under the same names.
+_DELIVERY_PREFIX = "delivery_"
 NEW_TASK = {
     "status": "running",  # placeholder: a new task always applies its first delivery
     "state_seq": NO_POSITION,
@@ -238,8 +244,9 @@ _JSON = JSON(none_as_null=True)
 _TYPED = (bindparam("input", type_=_JSON), bindparam("outputs", type_=_JSON))
 
 
-def insert_columns(names: tuple[str, ...]) -> str:
-    placeholders = ", ".join(f"%({name})s" for name in names)
+def insert_columns(names: tuple[str, ...], prefix: str = "") -> str:
+    """(columns) VALUES (placeholders), each placeholder the column's name after `prefix`."""
+    placeholders = ", ".join(f"%({prefix}{name})s" for name in names)
     return f"({', '.join(names)}) VALUES ({placeholders})"
 
 
@@ -311,7 +318,7 @@ _PG_LOCK_AND_CLAIM = f"""
 # another delivery holds the key.
 _PG_RECORD_AND_WRITE_BACK = f"""
     WITH d AS (
-        INSERT INTO deliveries {insert_columns(DELIVERY_COLUMNS)}
+        INSERT INTO deliveries {insert_columns(DELIVERY_COLUMNS, _DELIVERY_PREFIX)}
         ON CONFLICT (event_key) DO NOTHING
         RETURNING id
     ), written AS (
@@ -480,7 +487,7 @@ def _apply_start(task: TaskState, cb: Callback, position: tuple[int, int], at: d
 
     if not fresh and (position > current or restart) and failed_after:
         # Arrival in order would have applied this start and then the failure on top.
-        task.end_seq = max(task.end_seq or NO_POSITION, cb.sequence)
+        task.end_seq = max(NO_POSITION if task.end_seq is None else task.end_seq, cb.sequence)
         task.state_seq, task.state_rank = max(current, (cb.sequence, RANK_STOPPED))
     elif fresh or position > current or restart:
         if fresh or ended or cb.status == STATUS_STARTED:

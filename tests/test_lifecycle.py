@@ -68,6 +68,24 @@ def test_stop_reason_one_is_failed(client: FlaskClient, db: Session) -> None:
     assert (task(db).status, task(db).stop_reason) == ("failed", 1)
 
 
+def test_each_delivery_keeps_the_callbacks_own_status(client: FlaskClient, db: Session) -> None:
+    """The audit columns are the callback's, not the task's state after it."""
+    deliver(client, sequence=1, timestamp=T0)
+    deliver(client, "transcode_stop", sequence=2, stop_reason=1, timestamp=T0 + 9)
+    deliver(client, sequence=1, status="TranscodeUpdated", timestamp=T0 + 5)  # stale
+    db.rollback()
+    rows = db.execute(
+        select(Delivery.event, Delivery.verdict, Delivery.status, Delivery.stop_reason).order_by(
+            Delivery.id
+        )
+    ).all()
+    assert [tuple(row) for row in rows] == [
+        ("transcode_start", "applied", "TranscodeStarted", None),
+        ("transcode_stop", "applied", "TranscodeStopped", 1),
+        ("transcode_start", "stale", "TranscodeUpdated", None),
+    ]
+
+
 def test_lower_sequence_is_stale_and_changes_nothing(client: FlaskClient, db: Session) -> None:
     deliver(client, sequence=5, user_id="owner", timestamp=T0)
     before = task(db)

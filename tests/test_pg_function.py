@@ -51,7 +51,7 @@ starts = st.fixed_dictionaries(
         "sequence": st.sampled_from([None, 0, 1, 2, 3, 4]),
         "timestamp": st.sampled_from([0, 5, 10, 30, 40]),
         "user_id": st.sampled_from(["u-a", "u-b"]),
-        "details": st.sampled_from(DETAILS),
+        "details": st.sampled_from([*DETAILS, None]),  # None: no Details at all
     }
 )
 stops = st.fixed_dictionaries(
@@ -110,6 +110,21 @@ TASK_FIELDS = tuple(
     c.name for c in Task.__table__.columns if c.name not in ("id", "task_id", "app_id")
 )
 RUN_FIELDS = ("run_no", "owner", "started_at", "ended_at", "stop_reason")
+# All but what names the task or the delivery itself (its task, its own nonce).
+DELIVERY_FIELDS = tuple(
+    c.name
+    for c in Delivery.__table__.columns
+    if c.name not in ("id", "task_pk", "task_id", "event_key", "nonce")
+)
+
+
+def body_of(spec: dict[str, Any], task_id: str) -> dict[str, object]:
+    """The callback `spec` describes, for `task_id`."""
+    kwargs = dict(spec, timestamp=BASE_TIME + spec["timestamp"], task_id=task_id)
+    body = callback(kwargs.pop("event"), **kwargs)
+    if "details" in spec and spec["details"] is None:
+        del body["Details"]  # callback() gives every start some
+    return body
 
 
 def deliver(
@@ -117,8 +132,7 @@ def deliver(
 ) -> Outcome | None:
     """One delivery of `spec` to `task_id`: by the locked path, or by the function when
     `autocommit` (the app's autocommit engine) is given."""
-    kwargs = dict(spec, timestamp=BASE_TIME + spec["timestamp"], task_id=task_id)
-    cb = parse_callback(callback(kwargs.pop("event"), **kwargs))
+    cb = parse_callback(body_of(spec, task_id))
     where = {"raw_body": b"{}", "body_size": 2, "received_at": at, "remote_addr": None}
     if autocommit is None:
         with write_connection(engine) as conn:
@@ -140,7 +154,7 @@ def state(db: Session, task_id: str) -> tuple[Any, ...]:
         .order_by(TaskRun.run_no)
     ).all()
     verdicts = db.execute(
-        select(Delivery.verdict, Delivery.reason, Delivery.sequence)
+        select(*(Delivery.__table__.c[name] for name in DELIVERY_FIELDS))
         .where(Delivery.task_pk == task.id)
         .order_by(Delivery.id)
     ).all()
@@ -184,8 +198,7 @@ def test_one_delivery_to_any_state_gives_the_python_result(
     db.add(row)
     db.commit()
     expected = TaskState(id=row.id, **columns)
-    kwargs = dict(spec, timestamp=BASE_TIME + spec["timestamp"], task_id=task_id)
-    cb = parse_callback(callback(kwargs.pop("event"), **kwargs))
+    cb = parse_callback(body_of(spec, task_id))
     verdict = apply_to_task(expected, cb, RECEIVED)
 
     got = deliver(app.extensions["manager.engine"], autocommit, task_id, spec, RECEIVED)
