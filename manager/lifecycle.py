@@ -12,11 +12,13 @@ The rules (`apply_to_task`) run in Python on a `TaskState`, a plain copy of the
 locked row, for every backend. PostgreSQL's fast path runs a copy of them in the
 database, in manager_apply_callback() (migrations/versions/0011_*): a change to the
 rules here needs the same change there, in a new migration, and
-tests/test_pg_function.py fails until both agree. Around them this is the hot path of the service,
-so it runs statements built once, at import, on the caller's connection: on
-PostgreSQL one statement creates or locks the task and claims the nonce, and one
-records the delivery and writes the task back only if the delivery's event key
-was free; SQLite, which has no data-modifying CTEs, takes a few more statements.
+tests/test_pg_function.py fails until both agree.
+
+Around the rules this is the hot path of the service, so it runs statements built
+once, at import, on the caller's connection: on PostgreSQL one statement creates or
+locks the task and claims the nonce, and one records the delivery and writes the
+task back only if the delivery's event key was free; SQLite, which has no
+data-modifying CTEs, takes a few more statements.
 """
 
 from __future__ import annotations
@@ -144,12 +146,12 @@ def apply_callback(
     }
     if nonce_claimed:
         # The rules first: the verdict goes into the same INSERT that claims the event key.
-        run_before = run_of(task)
+        run_before = _run_of(task)
         verdict, reason = apply_to_task(task, cb, received_at)
         delivery.update(event_key=cb.event_key(), verdict=verdict, reason=reason)
         # The delivery keeps the callback's own status and stop_reason; the task's
         # columns of the same names get the task's.
-        state = {**task_values(task), **run_values(task, run_before)}
+        state = {**_task_values(task), **_run_values(task, run_before)}
         if postgres:
             values = {_DELIVERY_PREFIX + name: value for name, value in delivery.items()}
             values.update(state, input=pg_json(task.input), outputs=pg_json(task.outputs))
@@ -192,14 +194,14 @@ def _check_retransmission(conn: Connection, cb: Callback, digest: str) -> None:
         )
 
 
-def run_of(task: TaskState) -> tuple[Any, ...]:
+def _run_of(task: TaskState) -> tuple[Any, ...]:
     return (task.runs, task.owner, task.started_at, task.ended_at, task.stop_reason)
 
 
-def run_values(task: TaskState, before: tuple[Any, ...]) -> dict[str, Any]:
+def _run_values(task: TaskState, before: tuple[Any, ...]) -> dict[str, Any]:
     """The current run's row in task_runs, and whether this delivery changed it."""
     return {
-        "run_changed": task.runs > 0 and run_of(task) != before,
+        "run_changed": task.runs > 0 and _run_of(task) != before,
         "run_task_pk": task.id,
         "run_number": task.runs,
         "run_owner": task.owner,
@@ -213,8 +215,8 @@ def pg_json(value: Any) -> Json | None:
     return None if value is None else Json(value)
 
 
-def task_values(task: TaskState) -> dict[str, Any]:
-    values = {name: getattr(task, name) for name in WRITTEN}
+def _task_values(task: TaskState) -> dict[str, Any]:
+    values = {name: getattr(task, name) for name in _WRITTEN}
     values["task_pk"] = task.id
     return values
 
@@ -223,15 +225,15 @@ def task_values(task: TaskState) -> dict[str, Any]:
 
 STATE_FIELDS = tuple(f.name for f in fields(TaskState))
 # What the rules may change: every column of TaskState but the key.
-WRITTEN = tuple(name for name in STATE_FIELDS if name != "id")
+_WRITTEN = tuple(name for name in STATE_FIELDS if name != "id")
 _TASKS = cast(Table, Task.__table__)
 _DELIVERIES = cast(Table, Delivery.__table__)
 _NONCES = cast(Table, CallbackNonce.__table__)
-DELIVERY_COLUMNS = tuple(c.name for c in _DELIVERIES.columns if c.name != "id")
+_DELIVERY_COLUMNS = tuple(c.name for c in _DELIVERIES.columns if c.name != "id")
 # The delivery's values in a statement that also writes the task back, whose status
 # and stop_reason are other values under the same names.
 _DELIVERY_PREFIX = "delivery_"
-NEW_TASK = {
+_NEW_TASK = {
     "status": "running",  # placeholder: a new task always applies its first delivery
     "state_seq": NO_POSITION,
     "state_rank": 0,
@@ -244,18 +246,18 @@ _JSON = JSON(none_as_null=True)
 _TYPED = (bindparam("input", type_=_JSON), bindparam("outputs", type_=_JSON))
 
 
-def insert_columns(names: tuple[str, ...], prefix: str = "") -> str:
+def _insert_columns(names: tuple[str, ...], prefix: str) -> str:
     """(columns) VALUES (placeholders), each placeholder the column's name after `prefix`."""
     placeholders = ", ".join(f"%({prefix}{name})s" for name in names)
     return f"({', '.join(names)}) VALUES ({placeholders})"
 
 
-def set_clause(names: tuple[str, ...]) -> str:
+def _set_clause(names: tuple[str, ...]) -> str:
     return ", ".join(f"{name} = %({name})s" for name in names)
 
 
-NEW_TASK_SQL = ", ".join(
-    f"'{value}'" if isinstance(value, str) else str(value) for value in NEW_TASK.values()
+_NEW_TASK_SQL = ", ".join(
+    f"'{value}'" if isinstance(value, str) else str(value) for value in _NEW_TASK.values()
 )
 
 # PostgreSQL statements run on the DBAPI cursor (see sqlutil.driver_execute), hence
@@ -288,9 +290,9 @@ def _claim_nonce_cte(source: str) -> str:
 _PG_CLAIM_AND_LOCK = f"""
     WITH created AS (
         INSERT INTO tasks AS t (
-            app_id, task_id, {", ".join(NEW_TASK)}, first_seen_at, updated_at
+            app_id, task_id, {", ".join(_NEW_TASK)}, first_seen_at, updated_at
         )
-        VALUES (%(app_id)s, %(task_id)s, {NEW_TASK_SQL}, %(now)s, %(now)s)
+        VALUES (%(app_id)s, %(task_id)s, {_NEW_TASK_SQL}, %(now)s, %(now)s)
         ON CONFLICT (app_id, task_id) DO NOTHING
         RETURNING {_TASK_COLUMNS}
     ), locked AS (
@@ -318,11 +320,11 @@ _PG_LOCK_AND_CLAIM = f"""
 # another delivery holds the key.
 _PG_RECORD_AND_WRITE_BACK = f"""
     WITH d AS (
-        INSERT INTO deliveries {insert_columns(DELIVERY_COLUMNS, _DELIVERY_PREFIX)}
+        INSERT INTO deliveries {_insert_columns(_DELIVERY_COLUMNS, _DELIVERY_PREFIX)}
         ON CONFLICT (event_key) DO NOTHING
         RETURNING id
     ), written AS (
-        UPDATE tasks SET {set_clause(WRITTEN)}
+        UPDATE tasks SET {_set_clause(_WRITTEN)}
         WHERE id = %(task_pk)s AND EXISTS (SELECT FROM d)
     ), closed AS (
         UPDATE task_runs SET ended_at = %(run_started_at)s::timestamp
@@ -355,7 +357,7 @@ _UPSERT_TASK = (
         task_id=bindparam("task_id"),
         first_seen_at=bindparam("now", type_=DateTime()),
         updated_at=bindparam("now", type_=DateTime()),
-        **NEW_TASK,
+        **_NEW_TASK,
     )
     .on_conflict_do_update(
         index_elements=[_TASKS.c.app_id, _TASKS.c.task_id],
@@ -365,14 +367,14 @@ _UPSERT_TASK = (
 )
 _INSERT_DELIVERY_IGNORE = (
     sqlite.insert(_DELIVERIES)
-    .values({c: bindparam(c) for c in DELIVERY_COLUMNS})
+    .values({c: bindparam(c) for c in _DELIVERY_COLUMNS})
     .on_conflict_do_nothing(index_elements=[_DELIVERIES.c.event_key])
     .returning(_DELIVERIES.c.id)
 )
 _WRITE_BACK_TASK = (
     update(_TASKS)
     .where(_TASKS.c.id == bindparam("task_pk"))
-    .values({name: bindparam(name) for name in WRITTEN if name not in ("input", "outputs")})
+    .values({name: bindparam(name) for name in _WRITTEN if name not in ("input", "outputs")})
     .values(input=_TYPED[0], outputs=_TYPED[1])
 )
 
@@ -418,7 +420,7 @@ _TOUCH_TASK = (
 )
 _INSERT_DELIVERY = (
     insert(_DELIVERIES)
-    .values({c: bindparam(c) for c in DELIVERY_COLUMNS})
+    .values({c: bindparam(c) for c in _DELIVERY_COLUMNS})
     .returning(_DELIVERIES.c.id)
 )
 
