@@ -54,6 +54,11 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     from .web import api, callbacks, ops
 
+    # Callback POSTs skip Flask's request handling (see manager/web/callbacks.py).
+    endpoint = callbacks.CallbackEndpoint(app)
+    app.extensions[callbacks.ENDPOINT] = endpoint
+    app.wsgi_app = callbacks.CallbackRoute(app.wsgi_app, endpoint)  # type: ignore[method-assign]
+
     app.register_blueprint(ops.bp)
     app.register_blueprint(callbacks.bp)
     app.register_blueprint(api.bp)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 
@@ -21,8 +22,15 @@ class ApiError(Exception):
         self.message = message
 
 
+def error_body(code: str, message: str) -> bytes:
+    """The error shape, serialised as Flask's jsonify would (for the callback endpoint,
+    which answers without Flask)."""
+    error = {"error": {"code": code, "message": message}}
+    return json.dumps(error, separators=(",", ":"), sort_keys=True).encode() + b"\n"
+
+
 def error_response(status: int, code: str, message: str) -> tuple[Response, int]:
-    return jsonify({"error": {"code": code, "message": message}}), status
+    return Response(error_body(code, message), mimetype="application/json"), status
 
 
 def register_error_handlers(app: Flask) -> None:

@@ -8,10 +8,11 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-from flask import Flask
+from flask import Flask, request, request_started
 from flask.testing import FlaskClient
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
+from werkzeug.test import Client
 
 from manager import create_app, dispose_engines
 from manager.config import Settings
@@ -239,3 +240,72 @@ def test_lost_database_connection_is_503_and_the_retry_succeeds(
     assert db.execute(select(Task.status).where(Task.task_id == "conn-2")).scalar_one() == (
         "running"
     )
+
+
+# --- CallbackRoute: callback POSTs skip Flask's request handling ---------------------
+
+
+def test_callback_posts_skip_flask_and_other_requests_do_not(
+    app: Flask, client: FlaskClient
+) -> None:
+    seen: list[str] = []
+
+    def started(_sender: Flask, **_extra: Any) -> None:
+        seen.append(request.path)
+
+    with request_started.connected_to(started, app):
+        assert post(client, callback()).status_code == 200
+        assert post(client, callback(), "/callbacks/zego/transcode_start").status_code == 200
+        assert client.get("/callbacks/zego").status_code == 405
+        assert client.get("/healthz").status_code == 200
+    assert seen == ["/callbacks/zego", "/healthz"]  # the two GETs only
+
+
+def flask_view(app: Flask) -> Client:
+    """A client of the Flask app behind CallbackRoute: the blueprint's view answers."""
+    return Client(app.wsgi_app.wsgi_app)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "make_body",
+    [
+        lambda task: json.dumps(callback(task_id=task)),
+        lambda task: json.dumps({**callback(task_id=task), "Signature": "0" * 40}),
+        lambda task: '{"Event": "transcode_start", ',
+        lambda task: json.dumps(callback("transcode_stop", task_id=task, stop_reason=7)),
+        lambda task: "x" * 70_000,
+    ],
+    ids=["applied", "bad signature", "broken JSON", "bad StopReason", "too large"],
+)
+def test_the_blueprint_view_answers_as_the_route_does(
+    app: Flask, client: FlaskClient, db: Session, make_body: Any
+) -> None:
+    through_route = client.post(
+        "/callbacks/zego", data=make_body("via-route"), content_type="application/json"
+    )
+    through_view = flask_view(app).post(
+        "/callbacks/zego", data=make_body("via-view"), content_type="application/json"
+    )
+    assert through_view.status_code == through_route.status_code
+    assert through_view.headers["Content-Type"] == through_route.headers["Content-Type"]
+    assert through_view.get_json() == through_route.get_json()
+    route_delivery, view_delivery = deliveries(db)
+    assert (view_delivery.verdict, view_delivery.reason) == (
+        route_delivery.verdict,
+        route_delivery.reason,
+    )
+
+
+def test_an_unexpected_error_is_a_json_500_and_logged(
+    client: FlaskClient, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(*_args: Any, **_kwargs: Any) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("manager.web.callbacks.parse_callback", broken)
+    response = post(client, callback())
+    assert response.status_code == 500
+    assert response.json == {
+        "error": {"code": "internal_error", "message": "an unexpected error occurred"}
+    }
+    assert "unhandled error" in caplog.text
