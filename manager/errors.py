@@ -33,6 +33,12 @@ def error_response(status: int, code: str, message: str) -> tuple[Response, int]
     return Response(error_body(code, message), mimetype="application/json"), status
 
 
+def http_error_parts(exc: HTTPException) -> tuple[int, str, str]:
+    """A werkzeug HTTP error as (status, code, message): 405 -> method_not_allowed."""
+    code = (exc.name or "error").lower().replace(" ", "_").replace("'", "")
+    return exc.code or 500, code, exc.description or exc.name
+
+
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError) -> tuple[Response, int]:
@@ -40,8 +46,7 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> tuple[Response, int]:
-        code = (exc.name or "error").lower().replace(" ", "_").replace("'", "")
-        return error_response(exc.code or 500, code, exc.description or exc.name)
+        return error_response(*http_error_parts(exc))
 
     @app.errorhandler(SQLAlchemyError)
     def _database_error(exc: SQLAlchemyError) -> tuple[Response, int]:

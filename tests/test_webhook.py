@@ -12,6 +12,7 @@ from flask import Flask, request, request_started
 from flask.testing import FlaskClient
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
+from werkzeug.exceptions import BadRequest
 from werkzeug.test import Client
 
 from manager import create_app, dispose_engines
@@ -283,11 +284,19 @@ def test_the_blueprint_view_answers_as_the_route_does(
     through_route = client.post(
         "/callbacks/zego", data=make_body("via-route"), content_type="application/json"
     )
-    through_view = flask_view(app).post(
-        "/callbacks/zego", data=make_body("via-view"), content_type="application/json"
-    )
-    assert through_view.status_code == through_route.status_code
-    assert through_view.headers["Content-Type"] == through_route.headers["Content-Type"]
+    flask_requests: list[str] = []
+
+    def started(_sender: Flask, **_extra: Any) -> None:
+        flask_requests.append(request.path)
+
+    with request_started.connected_to(started, app):
+        through_view = flask_view(app).post(
+            "/callbacks/zego", data=make_body("via-view"), content_type="application/json"
+        )
+    assert flask_requests == ["/callbacks/zego"]  # this one did go through Flask
+    assert through_view.status == through_route.status
+    for header in ("Content-Type", "Content-Length"):
+        assert through_view.headers[header] == through_route.headers[header]
     assert through_view.get_json() == through_route.get_json()
     route_delivery, view_delivery = deliveries(db)
     assert (view_delivery.verdict, view_delivery.reason) == (
@@ -309,3 +318,23 @@ def test_an_unexpected_error_is_a_json_500_and_logged(
         "error": {"code": "internal_error", "message": "an unexpected error occurred"}
     }
     assert "unhandled error" in caplog.text
+
+
+def test_an_http_error_from_the_input_stream_is_answered_as_flask_would(
+    client: FlaskClient, db: Session
+) -> None:
+    class BrokenStream:
+        def read(self, _size: int = -1) -> bytes:
+            raise BadRequest("the client sent a broken body")
+
+    response = client.post(
+        "/callbacks/zego",
+        data=b"{}",
+        content_type="application/json",
+        environ_overrides={"wsgi.input": BrokenStream()},
+    )
+    assert response.status == "400 BAD REQUEST"
+    assert response.json == {
+        "error": {"code": "bad_request", "message": "the client sent a broken body"}
+    }
+    assert deliveries(db) == []

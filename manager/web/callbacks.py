@@ -17,19 +17,19 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from http import HTTPStatus
 from typing import Any, cast
 
 from flask import Blueprint, Flask, Response, current_app, request
 from sqlalchemy import Table, bindparam, insert
 from sqlalchemy.exc import SQLAlchemyError
-from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.http import HTTP_STATUS_CODES
 from werkzeug.wsgi import get_content_length, get_input_stream
 
 from .. import MAX_BODY_BYTES
 from ..config import Settings
 from ..db import write_connection
-from ..errors import error_body
+from ..errors import error_body, http_error_parts
 from ..lifecycle import apply_callback, utcnow
 from ..metrics import CALLBACK_LATENCY, FAST_PATH, LOCKED_PATH, count_delivery
 from ..models import Delivery
@@ -85,7 +85,8 @@ class CallbackRoute:
             return self.wsgi_app(environ, start_response)
         status, body = self.endpoint.handle(environ, PATHS[path])
         headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
-        start_response(f"{status} {HTTPStatus(status).phrase}", headers)
+        # The status line werkzeug's Response would send.
+        start_response(f"{status} {HTTP_STATUS_CODES.get(status, 'unknown').upper()}", headers)
         return [body]
 
 
@@ -100,6 +101,9 @@ class CallbackEndpoint:
         started = time.perf_counter()
         try:
             return self._handle(environ, path_event, utcnow())
+        except HTTPException as exc:  # from werkzeug's input stream, as Flask would answer
+            status, code, message = http_error_parts(exc)
+            return status, error_body(code, message)
         except Exception:
             log.exception("unhandled error")
             return 500, error_body("internal_error", "an unexpected error occurred")
