@@ -27,21 +27,50 @@ class TaskFilter:
     app_id: int | None = None
 
 
+# The times the API accepts: room on either side for the reports' day arithmetic, and
+# nothing ZEGOCLOUD could have sent is outside.
+EARLIEST = datetime(1970, 1, 1)
+LATEST = datetime(9000, 1, 1)
+
+
+def is_number(raw: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes "²", which int() refuses."""
+    return raw.isascii() and raw.isdigit()
+
+
 def parse_time(name: str, raw: str | None) -> datetime | None:
     """ISO 8601 or Unix seconds, as naive UTC; a bad value is a 400 naming the parameter."""
     if raw is None or raw == "":
         return None
     try:
-        if raw.isdigit():
-            return datetime.fromtimestamp(int(raw), UTC).replace(tzinfo=None)
-        parsed = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+        if is_number(raw):
+            parsed = datetime.fromtimestamp(int(raw), UTC)
+        else:
+            parsed = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+        if parsed.tzinfo is not None:
+            parsed = parsed.astimezone(UTC).replace(tzinfo=None)
     except (ValueError, OverflowError, OSError):
         raise ApiError(
             400, "invalid_parameter", f"{name} must be ISO 8601 or Unix seconds"
         ) from None
-    if parsed.tzinfo is not None:
-        parsed = parsed.astimezone(UTC).replace(tzinfo=None)
+    if not EARLIEST <= parsed <= LATEST:
+        raise ApiError(
+            400,
+            "invalid_parameter",
+            f"{name} must be from {EARLIEST.date().isoformat()} to {LATEST.date().isoformat()}",
+        )
     return parsed
+
+
+def parse_range(
+    since_raw: str | None, until_raw: str | None
+) -> tuple[datetime | None, datetime | None]:
+    """since and until, each checked by parse_time, until later than since."""
+    since = parse_time("since", since_raw)
+    until = parse_time("until", until_raw)
+    if since is not None and until is not None and until <= since:
+        raise ApiError(400, "invalid_parameter", "until must be later than since")
+    return since, until
 
 
 def parse_status(raw: str | None) -> str | None:
@@ -59,7 +88,7 @@ def parse_limit(raw: str | None, default: int = 50, maximum: int = MAX_PAGE) -> 
     if raw in (None, ""):
         return default
     assert raw is not None  # noqa: S101
-    if not raw.isdigit() or not 1 <= int(raw) <= maximum:
+    if not is_number(raw) or not 1 <= int(raw) <= maximum:
         raise ApiError(400, "invalid_parameter", f"limit must be an integer from 1 to {maximum}")
     return int(raw)
 
@@ -74,6 +103,8 @@ def decode_cursor(raw: str | None) -> int | None:
     assert raw is not None  # noqa: S101
     try:
         text = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode()
+        if not is_number(text) or not 0 < int(text) < 2**63:  # a task's id
+            raise ValueError(text)
         return int(text)
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise ApiError(400, "invalid_parameter", "cursor is not one this API issued") from None

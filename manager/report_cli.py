@@ -11,6 +11,7 @@ import click
 from flask import current_app
 from flask.cli import with_appcontext
 
+from .csv_cells import safe_row
 from .errors import ApiError
 from .queries import iso, parse_limit
 from .reporting import (
@@ -124,7 +125,7 @@ def report_command(
 def _echo_csv(columns: Any, rows: Any) -> None:
     writer = csv.writer(sys.stdout, lineterminator="\n")
     writer.writerow(columns)
-    writer.writerows(rows)
+    writer.writerows(safe_row(row) for row in rows)
 
 
 def _plain(value: Any) -> Any:

@@ -241,8 +241,13 @@ def _ended_runs(
         conditions.append(TaskRun.owner == owner)
     if sql.pg:
         return _ended_runs_pg(session, sql, conditions)
+    # A stop may carry a Timestamp before its run's start: such a run lasted 0 s, as in
+    # owners and daily.
     duration = case(
-        (TaskRun.started_at.is_not(None), sql.span(TaskRun.started_at, TaskRun.ended_at)),
+        (
+            TaskRun.started_at.is_not(None),
+            sql.greatest(sql.span(TaskRun.started_at, TaskRun.ended_at), sql.zero),
+        ),
         else_=null(),
     )
     inner = select(
@@ -291,7 +296,7 @@ def _ended_runs_pg(
             func.count(),
             func.count().filter(TaskRun.stop_reason == FAILED),
             func.count(TaskRun.started_at),
-            sql.total_us(func.sum(span)),
+            sql.total_us(func.sum(sql.greatest(span, sql.zero))),
         ).where(*conditions)
     ).one()
     if not timed:
@@ -316,8 +321,9 @@ def _ended_runs_pg(
     p50_us, p95_us = (session.execute(at_rank(ranks[p])).scalar_one() for p in (50, 95))
     durations: dict[str, float | None] = {
         "mean": round(int(total_us) / timed / _US, 3),
-        "p50": round(int(p50_us) / _US, 3),
-        "p95": round(int(p95_us) / _US, 3),
+        # Clamped here rather than in the walk, which must follow the index's order.
+        "p50": round(max(int(p50_us), 0) / _US, 3),
+        "p95": round(max(int(p95_us), 0) / _US, 3),
     }
     return int(count), int(failed), durations
 
@@ -561,9 +567,9 @@ def daily_window(window: Window, now: datetime | None = None) -> Window:
     until = window.until or now or utcnow()
     since = window.since
     if since is None:
-        since = datetime.combine(until.date(), time()) - timedelta(days=DEFAULT_DAYS - 1)
-        if since >= until:
-            since = datetime.combine(until.date(), time()) - timedelta(days=1)
+        # The last DEFAULT_DAYS days that [since, until) touches, the day of until included
+        # unless until is its first instant.
+        since = _midnight(_ceil_day(until)) - timedelta(days=DEFAULT_DAYS)
     return Window(since, until)
 
 

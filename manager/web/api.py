@@ -21,8 +21,8 @@ from ..queries import (
     find_task,
     list_tasks,
     parse_limit,
+    parse_range,
     parse_status,
-    parse_time,
     stop_request_json,
     task_deliveries,
     task_json,
@@ -41,11 +41,12 @@ bp = Blueprint("api", __name__, url_prefix="/api")
 @require_token
 def tasks() -> dict[str, Any]:
     args = request.args
+    since, until = parse_range(args.get("since"), args.get("until"))
     flt = TaskFilter(
         status=parse_status(args.get("status")),
         owner=args.get("owner") or None,
-        since=parse_time("since", args.get("since")),
-        until=parse_time("until", args.get("until")),
+        since=since,
+        until=until,
         app_id=get_settings().zego_app_id,
     )
     rows, next_pk = list_tasks(

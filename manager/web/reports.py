@@ -16,8 +16,9 @@ from flask import Blueprint, Response, current_app, request
 from sqlalchemy.orm import Session
 
 from .. import get_session
+from ..csv_cells import safe_row
 from ..errors import ApiError
-from ..queries import iso, parse_limit, parse_time
+from ..queries import is_number, iso, parse_limit, parse_range
 from ..reporting import (
     COLUMNS,
     DEFAULT_SILENT_FOR,
@@ -115,10 +116,7 @@ def _list_response(name: str, fmt: str, values: Iterator[list[Any]]) -> Response
 
 def parse_window(since_raw: str | None, until_raw: str | None) -> Window:
     """since/until as a Window; a bad value is a 400 naming the parameter."""
-    since = parse_time("since", since_raw)
-    until = parse_time("until", until_raw)
-    if since is not None and until is not None and until <= since:
-        raise ApiError(400, "invalid_parameter", "until must be later than since")
+    since, until = parse_range(since_raw, until_raw)
     return Window(since, until)
 
 
@@ -136,7 +134,7 @@ def decode_owners_cursor(raw: str | None) -> tuple[OwnerKey | None, datetime]:
         text = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode()
         busy_us, owner, at = json.loads(text)
         now = datetime.fromisoformat(at)
-        valid_key = type(busy_us) is int and busy_us >= 0 and isinstance(owner, str | None)
+        valid_key = type(busy_us) is int and 0 <= busy_us < 2**63 and isinstance(owner, str | None)
         if not valid_key or now.tzinfo is not None:
             raise ValueError(raw)
         return OwnerKey(busy_us, owner), now
@@ -156,7 +154,7 @@ def check_days(window: Window) -> None:
 def parse_silent_for(raw: str | None) -> int:
     if raw is None or raw == "":
         return DEFAULT_SILENT_FOR
-    if not raw.isdigit() or len(raw) > 10:
+    if not is_number(raw) or len(raw) > 10:
         raise ApiError(400, "invalid_parameter", "silent_for must be a number of seconds")
     return int(raw)
 
@@ -212,7 +210,7 @@ def _csv_response(name: str, columns: Sequence[str], rows: Iterable[list[Any]]) 
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(columns)
         for n, row in enumerate(rows, start=1):
-            writer.writerow(row)
+            writer.writerow(safe_row(row))
             if n % 500 == 0:
                 yield buffer.getvalue()
                 buffer.seek(0)
