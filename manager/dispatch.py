@@ -31,8 +31,14 @@ log = logging.getLogger(__name__)
 RATE_LIMITER_NAME = "zego_api"
 
 
+NAME_LENGTH = 64  # stop_requests.claimed_by and stop_attempts.worker
+
+
 def process_name(role: str) -> str:
-    return f"{role}:{socket.gethostname()}:{os.getpid()}"
+    """role:host:pid, within NAME_LENGTH: a Kubernetes pod's host name can be 63 long."""
+    role_and_pid = f"{role}::{os.getpid()}"
+    host = socket.gethostname()[: NAME_LENGTH - len(role_and_pid)]
+    return f"{role}:{host}:{os.getpid()}"
 
 
 def send_in_window(
@@ -79,7 +85,7 @@ class Dispatcher:
                 return self.record([(job, reply)])[0]
             slot = self.limiter.reserve(give_up_at - time.monotonic())  # late: a fresh slot
         with write_transaction(self.sessions) as session:
-            release(session, job.stop_request_id)
+            release(session, job.stop_request_id, self.name)
         return None
 
     def send_window(self, slot: float) -> tuple[float, float]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, cast
 
@@ -18,9 +18,9 @@ from sqlalchemy.orm import Session
 
 from .errors import ApiError
 from .lifecycle import ENDED, RANK_STOP_REQUEST
-from .models import StopAttempt, StopBatch, StopRequest, Task
+from .models import Delivery, StopAttempt, StopBatch, StopRequest, Task
 from .sqlutil import insert_ignore
-from .zego.client import ZegoReply
+from .zego.client import BAD_INPUT, ZegoReply
 
 RESTOP_AFTER = timedelta(seconds=120)
 MAX_RESTOPS = 3
@@ -191,11 +191,19 @@ def claim_due(
     return jobs
 
 
-def release(session: Session, stop_request_id: int) -> None:
-    """Give a claimed request back to the queue untouched (e.g. no rate slot in time)."""
+def release(session: Session, stop_request_id: int, claimant: str) -> None:
+    """Give a claimed request back to the queue untouched (e.g. no rate slot in time).
+
+    Only while the claim is still the caller's: after its lease expired another
+    process may hold the request, and clearing that claim would let a third send it.
+    """
     session.execute(
         update(StopRequest)
-        .where(StopRequest.id == stop_request_id, StopRequest.state == "queued")
+        .where(
+            StopRequest.id == stop_request_id,
+            StopRequest.state == "queued",
+            StopRequest.claimed_by == claimant,
+        )
         .values(claimed_until=None, claimed_by=None)
     )
 
@@ -211,14 +219,23 @@ def record_attempts(
 ) -> list[str]:
     """Store attempts and move their requests (and on success their tasks) on.
 
-    Returns each request's new state. The caller holds the requests' leases, so each
-    attempt count is the one it claimed. Three executemany statements, whatever the
-    number of results: the worker records its attempts in batches.
+    Returns each request's new state. Every attempt is stored, but a request moves on
+    only while it is still in the attempt's hands (queued, with the attempt's
+    Sequence): an answer that comes after its lease expired and another process sent
+    the stop again must not undo that process's outcome. A few executemany
+    statements, whatever the number of results: the worker records in batches.
     """
     if not results:
         return []
+    overtaken = _overtaken(session, [job for job, reply in results if reply.code == BAD_INPUT])
     attempts, requests, stopping, states = [], [], [], []
     for job, reply in results:
+        if job.stop_request_id in overtaken:
+            # ZEGOCLOUD refuses a Sequence not above one it has seen (110200002). This
+            # one was taken before the attempt waited for its rate slot, and a callback
+            # has since brought the same or a higher Sequence: the next attempt takes a
+            # new one, above it.
+            reply = replace(reply, outcome="retryable")
         attempts.append(
             {
                 "stop_request_id": job.stop_request_id,
@@ -247,6 +264,7 @@ def record_attempts(
         requests.append(
             {
                 "b_id": job.stop_request_id,
+                "b_sent_seq": job.sequence,
                 "b_state": state,
                 "b_attempts": count,
                 "b_code": reply.code,
@@ -263,6 +281,24 @@ def record_attempts(
     return states
 
 
+def _overtaken(session: Session, jobs: Sequence[Job]) -> set[int]:
+    """The jobs' requests whose task has recorded a delivery with a Sequence at or above
+    the attempt's: one that came after the Sequence was taken, which was above all."""
+    if not jobs:
+        return set()
+    overtaken = set()
+    for job in jobs:
+        newer = session.execute(
+            select(Delivery.id)
+            .join(StopRequest, StopRequest.task_pk == Delivery.task_pk)
+            .where(StopRequest.id == job.stop_request_id, Delivery.sequence >= job.sequence)
+            .limit(1)
+        ).first()
+        if newer is not None:
+            overtaken.add(job.stop_request_id)
+    return overtaken
+
+
 _requests_table = cast(Table, StopRequest.__table__)
 _tasks_table = cast(Table, Task.__table__)
 _requests = _requests_table.c
@@ -270,7 +306,11 @@ _tasks = _tasks_table.c
 _INSERT_ATTEMPT = cast(Table, StopAttempt.__table__).insert()
 _UPDATE_REQUEST = (
     _requests_table.update()
-    .where(_requests.id == bindparam("b_id"))
+    .where(
+        _requests.id == bindparam("b_id"),
+        _requests.state == "queued",
+        _requests.sequence == bindparam("b_sent_seq"),
+    )
     .values(
         state=bindparam("b_state"),
         attempts=bindparam("b_attempts"),

@@ -331,15 +331,17 @@ class StopWorker:
         due = time.monotonic() - self._oldest_answer >= RECORD_EVERY
         if not self._answers or not (force or due or len(self._answers) >= self.batch):
             return 0
-        answers, self._answers, self._oldest_answer = self._answers, [], math.inf
+        # Dropped only once stored: if the database fails, the next pass tries again.
+        answers = self._answers
         self.dispatcher.record(answers)
+        self._answers, self._oldest_answer = [], math.inf
         return len(answers)
 
     def _release(self, jobs: list[Job]) -> None:
         if jobs:
             with write_transaction(self.dispatcher.sessions) as session:
                 for job in jobs:
-                    release(session, job.stop_request_id)
+                    release(session, job.stop_request_id, self.dispatcher.name)
 
     def run_once(self) -> int:
         """Tidy up, then claim and send one batch; returns attempts recorded."""

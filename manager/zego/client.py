@@ -20,6 +20,7 @@ Outcome = Literal["success", "retryable", "permanent"]
 DEFAULT_TIMEOUT = (3.05, 10.0)
 
 # SPEC 3.3 and zego-reference.md section 7: worth another try later.
+BAD_INPUT = 110200002  # "Input parameter error", a Sequence not above ZEGO's among them
 RETRYABLE_CODES = frozenset(
     {
         110200001,  # failed, retry
