@@ -347,13 +347,26 @@ _MARK_STOPPING = (
 
 
 def stuck_stopping(session: Session, now: datetime, limit: int = 100) -> list[Task]:
-    """Tasks still `stopping` long after ZEGO accepted the stop, with nothing queued."""
-    queued = select(StopRequest.id).where(
-        StopRequest.task_pk == Task.id, StopRequest.state == "queued"
+    """Tasks still `stopping` long after ZEGO accepted the stop, with nothing queued.
+
+    A task's updated_at is when it became stopping (the stuck report shows it), so the
+    wait for the next re-stop runs from the last stop request's end instead, and only
+    the re-stops since it became stopping count towards MAX_RESTOPS.
+    """
+    queued_or_recent = select(StopRequest.id).where(
+        StopRequest.task_pk == Task.id,
+        or_(
+            StopRequest.state == "queued",
+            func.coalesce(StopRequest.completed_at, StopRequest.created_at) >= now - RESTOP_AFTER,
+        ),
     )
     restops = (
         select(func.count(StopRequest.id))
-        .where(StopRequest.task_pk == Task.id, StopRequest.requested_by == RESTOP_BY)
+        .where(
+            StopRequest.task_pk == Task.id,
+            StopRequest.requested_by == RESTOP_BY,
+            StopRequest.created_at >= Task.updated_at,
+        )
         .scalar_subquery()
     )
     return list(
@@ -362,7 +375,7 @@ def stuck_stopping(session: Session, now: datetime, limit: int = 100) -> list[Ta
             .where(
                 Task.status == "stopping",
                 Task.updated_at < now - RESTOP_AFTER,
-                ~queued.exists(),
+                ~queued_or_recent.exists(),
                 restops < MAX_RESTOPS,
             )
             .limit(limit)
@@ -385,11 +398,9 @@ def queue_restop(session: Session, task: Task, now: datetime) -> bool:
     )
     values = {c: getattr(stop, c) for c in StopRequest.__table__.columns.keys() if c != "id"}
     queued_only = QUEUED_ONLY
-    inserted = insert_ignore(session, StopRequest, values, ["task_pk"], index_where=queued_only)
-    if inserted:
-        # Waiting starts afresh, so the next look at this task is RESTOP_AFTER away.
-        session.execute(update(Task).where(Task.id == task.id).values(updated_at=now))
-    return inserted
+    # The task's updated_at stays when it became stopping: stuck_stopping waits from
+    # this request's end before it looks again.
+    return insert_ignore(session, StopRequest, values, ["task_pk"], index_where=queued_only)
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,12 @@ from flask.testing import FlaskClient, FlaskCliRunner
 from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
-from manager import create_app, dispose_engines
+from manager import create_app, dispose_engines, reporting
 from manager.config import Settings
 from manager.db import Base
 from manager.lifecycle import utcnow
 from manager.models import StopAttempt, StopRequest, Task
+from manager.stopping import MAX_RESTOPS, RESTOP_BY
 from manager.zego.fake import Failure, FakeServer
 
 from .conftest import CALLBACK_SECRET, SERVER_SECRET, callback
@@ -280,7 +281,9 @@ def test_stuck_stopping_task_is_stopped_again(
     start(client)
     fake_zego.fake.seed("s-1", "owner-1", sequence=3, notify=False)
     assert stop(client, auth).status_code == 200  # no callback comes back
-    db.execute(update(Task).values(updated_at=utcnow() - timedelta(seconds=121)))
+    became_stopping = utcnow() - timedelta(seconds=121)
+    db.execute(update(Task).values(updated_at=became_stopping))
+    db.execute(update(StopRequest).values(created_at=became_stopping, completed_at=became_stopping))
     db.commit()
     worker_once(runner)
     assert fake_zego.fake.tasks["s-1"].stops == [4, 5]
@@ -288,7 +291,49 @@ def test_stuck_stopping_task_is_stopped_again(
     restop = db.execute(select(StopRequest).order_by(StopRequest.id.desc())).scalars().first()
     assert restop is not None
     assert (restop.requested_by, restop.state, restop.sequence) == ("worker", "succeeded", 5)
-    worker_once(runner)  # not again at once: waiting starts afresh
+    worker_once(runner)  # not again at once: the wait runs from the re-stop
+    assert fake_zego.fake.tasks["s-1"].stops == [4, 5]
+    # The stuck report still shows the task, stopping since the first stop.
+    [stuck] = reporting.stuck(db, now=utcnow() + timedelta(seconds=1))
+    assert (stuck.task_id, stuck.reason) == ("s-1", "no_stop_callback")
+    assert abs(stuck.since - became_stopping) < timedelta(seconds=1)
+
+
+def test_re_stops_are_counted_per_stopping_spell(
+    client: FlaskClient,
+    runner: FlaskCliRunner,
+    auth: dict[str, str],
+    fake_zego: FakeServer,
+    db: Session,
+) -> None:
+    start(client)
+    fake_zego.fake.seed("s-1", "owner-1", sequence=3, notify=False)
+    assert stop(client, auth).status_code == 200
+    long_ago = utcnow() - timedelta(hours=1)
+    task_pk = db.execute(select(Task.id)).scalar_one()
+    for _ in range(MAX_RESTOPS):  # an earlier spell used up its re-stops
+        db.add(
+            StopRequest(
+                task_pk=task_pk,
+                state="succeeded",
+                user_id="owner-1",
+                requested_by=RESTOP_BY,
+                force=True,
+                created_at=long_ago,
+                completed_at=long_ago,
+                attempts=1,
+                next_attempt_at=long_ago,
+            )
+        )
+    became_stopping = utcnow() - timedelta(seconds=121)
+    db.execute(update(Task).values(updated_at=became_stopping))
+    db.execute(
+        update(StopRequest)
+        .where(StopRequest.requested_by != RESTOP_BY)
+        .values(created_at=became_stopping, completed_at=became_stopping)
+    )
+    db.commit()
+    worker_once(runner)
     assert fake_zego.fake.tasks["s-1"].stops == [4, 5]
 
 
