@@ -16,6 +16,7 @@ from flask.cli import AppGroup, FlaskGroup, with_appcontext
 
 from .db import begin_write
 from .errors import ApiError
+from .stored_text import reason_problem, text_problem
 
 db_cli = AppGroup("db", help="Schema migrations (Alembic).")
 tokens_cli = AppGroup("tokens", help="Operator API tokens.")
@@ -27,6 +28,23 @@ def _engine() -> Any:
 
 def _session() -> Any:
     return current_app.extensions["manager.sessions"]()
+
+
+def _storable(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """Refuse text no column can hold, as the API does: NUL, or an unpaired surrogate
+    (which is how Python passes on an argument's bytes that are not UTF-8)."""
+    problem = None if value is None else text_problem(value)
+    if problem is not None:
+        raise click.BadParameter(problem)
+    return value
+
+
+def _stop_reason(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """The API's rule for a stop reason: its length limit and storable text."""
+    problem = None if value is None else reason_problem(value)
+    if problem is not None:
+        raise click.BadParameter(problem)
+    return value
 
 
 @db_cli.command("upgrade")
@@ -63,7 +81,7 @@ def db_current() -> None:
 
 
 @tokens_cli.command("create")
-@click.argument("name")
+@click.argument("name", callback=_storable)
 def tokens_create(name: str) -> None:
     """Create a token and print it once."""
     from .tokens import create_token
@@ -90,7 +108,7 @@ def tokens_list() -> None:
 
 
 @tokens_cli.command("revoke")
-@click.argument("name")
+@click.argument("name", callback=_storable)
 def tokens_revoke(name: str) -> None:
     """Revoke a token by name."""
     from .tokens import revoke_token
@@ -104,7 +122,7 @@ def tokens_revoke(name: str) -> None:
 
 @click.command("tasks")
 @click.option("--status", type=click.Choice(["running", "stopping", "stopped", "failed"]))
-@click.option("--owner")
+@click.option("--owner", callback=_storable)
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 500))
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
 @with_appcontext
@@ -158,8 +176,8 @@ def serve_command(host: str, port: int, workers: int | None) -> None:
 
 
 @click.command("stop")
-@click.argument("task_id")
-@click.option("--reason", help="why, recorded with the stop request")
+@click.argument("task_id", callback=_storable)
+@click.option("--reason", callback=_stop_reason, help="why, recorded with the stop request")
 @click.option("--force", is_flag=True, help="stop even if the task is recorded as stopped")
 @with_appcontext
 def stop_command(task_id: str, reason: str | None, force: bool) -> None:

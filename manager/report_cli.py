@@ -28,6 +28,7 @@ from .reporting import (
     stuck,
     summary,
 )
+from .stored_text import text_problem
 
 
 @click.command("report")
@@ -72,6 +73,8 @@ def report_command(
         if limit is not None and name != "owners":
             raise ApiError(400, "invalid_parameter", "--limit applies to the owners report only")
         first = parse_limit(limit, OWNERS_LIMIT, MAX_OWNERS_LIMIT)
+        if owner is not None and (problem := text_problem(owner)) is not None:
+            raise ApiError(400, "invalid_parameter", f"--owner {problem}")
     except ApiError as exc:
         raise click.ClickException(exc.message) from None
 

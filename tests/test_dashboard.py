@@ -295,11 +295,12 @@ def test_stopping_an_unknown_or_ended_task_says_why(
     assert fake_zego.fake.calls == []
 
 
-def test_an_overlong_task_id_is_refused_before_any_lookup(
-    client: FlaskClient, token: str, fake_zego: FakeServer
+@pytest.mark.parametrize("task_id", ["x" * 5000, "a\x00b"], ids=["overlong", "NUL"])
+def test_a_task_id_no_column_can_hold_is_refused_before_any_lookup(
+    client: FlaskClient, token: str, fake_zego: FakeServer, task_id: str
 ) -> None:
     sign_in(client, token)
-    page = press_stop(client, "x" * 5000)
+    page = press_stop(client, task_id)
     assert "There is no such task." in page
     assert fake_zego.fake.calls == []
 

@@ -158,3 +158,19 @@ def test_daily_reports_30_days_by_default(db: Session, until: datetime) -> None:
     assert len(days) == reporting.DEFAULT_DAYS == 30
     last = until - timedelta(microseconds=1)
     assert days[-1].day == last.date().isoformat()
+
+
+@pytest.mark.parametrize("name", ["summary", "owners", "daily", "stuck"])
+def test_an_owner_no_column_can_hold_is_a_400(
+    client: FlaskClient, auth: dict[str, str], name: str
+) -> None:
+    response = client.get(f"/api/reports/{name}?owner=a%00b", headers=auth)
+    assert response.status_code == 400
+    assert response.json["error"]["code"] == "invalid_parameter"
+    assert "owner" in response.json["error"]["message"]
+
+
+def test_the_cli_refuses_such_an_owner_too(runner: FlaskCliRunner) -> None:
+    result = runner.invoke(args=["report", "summary", "--owner", "a\x00b"])
+    assert result.exit_code != 0
+    assert "--owner must not contain NUL" in result.output

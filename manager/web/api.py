@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Blueprint, g, request
+from flask.blueprints import BlueprintSetupState
+from werkzeug.routing import PathConverter
 
 from .. import get_dispatcher, get_session, get_settings
 from ..db import begin_write
@@ -29,12 +31,31 @@ from ..queries import (
     task_stop_requests,
 )
 from ..stopping import BulkSelection, create_batch
+from ..stored_text import reason_problem, text_problem
 from .auth import require_token
 
 # The API waits this long for a rate slot before leaving the stop to the worker.
 FIRST_ATTEMPT_MAX_WAIT = 2.0
+# ?force= spellings, compared in lower case; anything else is a 400 rather than false.
+FORCE_VALUES = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+
+class TaskIdConverter(PathConverter):
+    """A task id in a URL: may hold slashes, even a leading or doubled one, as callbacks
+    accept them. Its routes also set merge_slashes=False, so that "/api/tasks//x" is
+    task "/x" rather than a redirect to task "x"."""
+
+    regex = ".+?"
+    part_isolating = False
+
 
 bp = Blueprint("api", __name__, url_prefix="/api")
+
+
+@bp.record_once
+def _register_converter(state: BlueprintSetupState) -> None:
+    # Before the routes below are added: a rule looks its converter up when it is bound.
+    state.app.url_map.converters["task_id"] = TaskIdConverter
 
 
 @bp.get("/tasks")
@@ -42,9 +63,10 @@ bp = Blueprint("api", __name__, url_prefix="/api")
 def tasks() -> dict[str, Any]:
     args = request.args
     since, until = parse_range(args.get("since"), args.get("until"))
+    owner = args.get("owner") or None
     flt = TaskFilter(
         status=parse_status(args.get("status")),
-        owner=args.get("owner") or None,
+        owner=None if owner is None else _storable("owner", owner, "invalid_parameter"),
         since=since,
         until=until,
         app_id=get_settings().zego_app_id,
@@ -58,11 +80,13 @@ def tasks() -> dict[str, Any]:
     }
 
 
-@bp.get("/tasks/<task_id>")
+# A task id may end in "/stop", so the methods tell the routes apart: GET
+# /api/tasks/a/stop is task "a/stop", POST to it stops task "a".
+@bp.get("/tasks/<task_id:task_id>", merge_slashes=False)
 @require_token
 def task_detail(task_id: str) -> dict[str, Any]:
     session = get_session()
-    task = find_task(session, task_id, get_settings().zego_app_id)
+    task = find_task(session, _task_id(task_id), get_settings().zego_app_id)
     return {
         "task": task_json(task),
         "deliveries": [delivery_json(d) for d in task_deliveries(session, task)],
@@ -70,12 +94,13 @@ def task_detail(task_id: str) -> dict[str, Any]:
     }
 
 
-@bp.post("/tasks/<task_id>/stop")
+@bp.post("/tasks/<task_id:task_id>/stop", merge_slashes=False)
 @require_token
 def stop_task(task_id: str) -> tuple[dict[str, Any], int]:
     """Store the stop, then make the first attempt here; retries are the worker's."""
+    task_id = _task_id(task_id)
     reason = _reason(_json_body())
-    force = request.args.get("force", "").lower() in ("1", "true", "yes")
+    force = _force(request.args.get("force"))
     stop, created = stop_task_now(
         get_session(),
         get_dispatcher(),
@@ -106,14 +131,16 @@ def stop_task(task_id: str) -> tuple[dict[str, Any], int]:
 @require_token
 def bulk_stop() -> tuple[dict[str, Any], int]:
     body = _json_body()
+    _check_selector_text(body)
     selection = BulkSelection.from_json(body)
+    reason = _reason(body)
     session = get_session()
     begin_write(session)
     batch, skipped = create_batch(
         session,
         selection,
         requested_by=g.operator,
-        reason=_reason(body),
+        reason=reason,
         app_id=get_settings().zego_app_id,
         now=utcnow(),
     )
@@ -144,6 +171,43 @@ def _reason(body: dict[str, Any]) -> str | None:
     reason = body.get("reason")
     if reason is None:
         return None
-    if not isinstance(reason, str) or len(reason) > 500:
-        raise ApiError(400, "invalid_body", "reason must be a string of at most 500 characters")
+    if not isinstance(reason, str):
+        raise ApiError(400, "invalid_body", "reason must be a string")
+    problem = reason_problem(reason)
+    if problem is not None:
+        raise ApiError(400, "invalid_body", f"reason {problem}")
     return reason
+
+
+def _task_id(task_id: str) -> str:
+    return _storable("task_id", task_id, "invalid_task_id")
+
+
+def _force(raw: str | None) -> bool:
+    if raw is None:
+        return False
+    if raw.lower() not in FORCE_VALUES:
+        # "?force" alone, or a typo, is a 400: read as false it would quietly not force.
+        spellings = ", ".join(FORCE_VALUES)
+        raise ApiError(400, "invalid_parameter", f"force must be one of {spellings} (any case)")
+    return FORCE_VALUES[raw.lower()]
+
+
+def _check_selector_text(body: dict[str, Any]) -> None:
+    """Refuse unstorable task ids and owners before BulkSelection sees them; their types
+    are its to check."""
+    ids = body.get("task_ids")
+    if isinstance(ids, list):
+        for i, task_id in enumerate(ids):
+            if isinstance(task_id, str):
+                _storable(f"task_ids[{i}]", task_id, "invalid_body")
+    owner = body.get("owner")
+    if isinstance(owner, str):
+        _storable("owner", owner, "invalid_body")
+
+
+def _storable(name: str, value: str, code: str) -> str:
+    problem = text_problem(value)
+    if problem is not None:
+        raise ApiError(400, code, f"{name} {problem}")
+    return value

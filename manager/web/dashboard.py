@@ -37,6 +37,7 @@ from ..dispatch import stop_task_now
 from ..errors import ApiError
 from ..lifecycle import utcnow
 from ..models import ApiToken, Delivery, StopRequest, Task
+from ..stored_text import text_problem
 from ..tokens import authenticate
 
 # The stop button waits this long for a rate slot before leaving the stop to the worker.
@@ -216,7 +217,7 @@ def stop() -> ResponseReturnValue:
         flash("Please sign in first.", "error")
         return redirect(url_for(".index"))
     task_id = request.form.get("task_id", "")
-    if not 0 < len(task_id) <= MAX_TASK_ID:
+    if not 0 < len(task_id) <= MAX_TASK_ID or text_problem(task_id) is not None:
         # Not a task id this service can hold; and the flash must fit in the cookie.
         flash("There is no such task.", "error")
         return redirect(url_for(".index"))
