@@ -360,6 +360,8 @@ def test_bulk_stop_by_ids_owner_and_all(
     assert by_ids.status_code == 202
     assert by_ids.json["batch"]["total"] == 1
     assert by_ids.json["skipped"] == {"nope": "unknown_task"}
+    [item] = by_ids.json["batch"]["items"]  # the per-task stop requests, at once
+    assert (item["task_id"], item["state"], item["reason"]) == ("b-0", "queued", "r")
     by_owner = client.post("/api/stops", json={"owner": "alice"}, headers=auth).json
     assert by_owner["batch"]["total"] == 2
     assert by_owner["skipped"] == {"b-0": "a stop is already queued"}

@@ -145,7 +145,8 @@ def bulk_stop() -> tuple[dict[str, Any], int]:
         now=utcnow(),
     )
     session.commit()
-    return {"batch": batch_json(session, batch), "skipped": skipped}, 202
+    # With its per-task stop requests, as GET /api/stops/<id> shows them (SPEC 3.3).
+    return {"batch": batch_json(session, batch, with_items=True), "skipped": skipped}, 202
 
 
 @bp.get("/stops/<int:batch_id>")
