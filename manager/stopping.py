@@ -148,7 +148,9 @@ def claim_due(
     FOR UPDATE SKIP LOCKED lets several workers claim side by side on PostgreSQL;
     the lease keeps a request theirs after the commit, and expires if they crash.
     Each claimed request gets its attempt's Sequence in the same transaction.
+    Requests whose task has ended meanwhile are settled first, not sent.
     """
+    settle_ended(session, now)
     rows = session.execute(
         select(StopRequest.id, StopRequest.task_pk, StopRequest.user_id, StopRequest.attempts)
         .where(
@@ -189,6 +191,33 @@ def claim_due(
         ],
     )
     return jobs
+
+
+def settle_ended(session: Session, now: datetime) -> int:
+    """Queued stops whose task has ended since they were asked for: nothing is left to
+    stop, so they succeed without another call; how many.
+
+    A retry whose earlier attempt timed out but reached ZEGOCLOUD would otherwise stop
+    a task that no longer exists and be recorded as failed (zego-reference.md, open
+    question 18). A forced stop of a task that had already ended when it was asked for
+    is still sent, as asked. The request keeps its last ZEGOCLOUD answer, if any.
+    """
+    ended_since_asked = select(Task.id).where(
+        Task.id == StopRequest.task_pk,
+        Task.status.in_(ENDED),
+        Task.updated_at >= StopRequest.created_at,
+    )
+    result = session.execute(
+        update(StopRequest)
+        .where(
+            StopRequest.state == "queued",
+            or_(StopRequest.claimed_until.is_(None), StopRequest.claimed_until < now),
+            ended_since_asked.exists(),
+        )
+        .values(state="succeeded", completed_at=now, claimed_until=None, claimed_by=None)
+        .execution_options(synchronize_session=False)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 def release(session: Session, stop_request_id: int, claimant: str) -> None:

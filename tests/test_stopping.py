@@ -140,6 +140,49 @@ def test_retryable_answers_queue_for_the_worker(
             time.sleep(0.05)
 
 
+def test_a_queued_stop_whose_task_ended_meanwhile_succeeds_unsent(
+    client: FlaskClient,
+    runner: FlaskCliRunner,
+    auth: dict[str, str],
+    fake_zego: FakeServer,
+    db: Session,
+) -> None:
+    start(client)
+    fake_zego.fake.seed("s-1", "owner-1", sequence=3, notify=False)
+    fake_zego.fake.fail_next(Failure(code=110200151))
+    assert stop(client, auth).status_code == 202  # queued for a retry
+    body = json.dumps(callback("transcode_stop", task_id="s-1", sequence=5, stop_reason=0))
+    assert (
+        client.post("/callbacks/zego", data=body, content_type="application/json").json["verdict"]
+        == "applied"
+    )
+    make_due(db)
+    assert "0 attempts" in worker_once(runner)
+    db.rollback()
+    stop_request = db.execute(select(StopRequest)).scalar_one()
+    assert (stop_request.state, stop_request.attempts) == ("succeeded", 1)
+    assert stop_request.completed_at is not None
+    assert len(zego_stops(fake_zego)) == 1  # the first attempt only
+
+
+def test_a_forced_stop_of_an_ended_task_is_still_sent(
+    client: FlaskClient,
+    runner: FlaskCliRunner,
+    auth: dict[str, str],
+    fake_zego: FakeServer,
+    db: Session,
+) -> None:
+    start(client)
+    body = json.dumps(callback("transcode_stop", task_id="s-1", sequence=5, stop_reason=0))
+    client.post("/callbacks/zego", data=body, content_type="application/json")
+    fake_zego.fake.seed("s-1", "owner-1", sequence=5, notify=False)
+    fake_zego.fake.fail_next(Failure(code=110200151))
+    assert stop(client, auth, force=True).status_code == 202
+    make_due(db)
+    assert "1 attempts" in worker_once(runner)
+    assert len(zego_stops(fake_zego)) == 2
+
+
 @pytest.mark.parametrize("code", [110200002, 110200003, 100000005, 100000004, 110200160])
 def test_permanent_refusals_are_502_and_never_retried(
     client: FlaskClient,
