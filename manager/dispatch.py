@@ -8,6 +8,7 @@ see worker.py). No database transaction is open during the call.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import socket
@@ -15,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from .config import Settings
@@ -29,6 +31,10 @@ from .zego.client import ClientConfig, ZegoClient, ZegoReply
 log = logging.getLogger(__name__)
 
 RATE_LIMITER_NAME = "zego_api"
+CLOSED_WINDOW_WARNING_EVERY = 60.0  # seconds
+# A call's answer is stored again after 0.2 s, then 0.4 s, before the endpoint gives up.
+RECORD_RETRIES = 3
+RECORD_RETRY_DELAY = 0.2
 
 
 NAME_LENGTH = 64  # stop_requests.claimed_by and stop_attempts.worker
@@ -69,6 +75,7 @@ class Dispatcher:
     name: str
     rng: random.Random
     client: ZegoClient = field(init=False, repr=False)
+    _last_closed_warning: float = field(default=-math.inf, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.client = self.client_config.make()
@@ -82,7 +89,7 @@ class Dispatcher:
             reply, late = send_in_window(self.client, job, *self.send_window(slot))
             if reply is not None:
                 log_call(job, reply, late)
-                return self.record([(job, reply)])[0]
+                return self._record_answer(job, reply)
             slot = self.limiter.reserve(give_up_at - time.monotonic())  # late: a fresh slot
         with write_transaction(self.sessions) as session:
             release(session, job.stop_request_id, self.name)
@@ -96,8 +103,50 @@ class Dispatcher:
         spread ratelimit.py budgets for (and closes it, sending nothing, when the
         database is too slow to tell its time within SEND_TOLERANCE / 2 more).
         """
-        margin = max(0.0, self.limiter.clock_error() - CLOCK_ERROR)
+        error = self.limiter.clock_error()
+        margin = max(0.0, error - CLOCK_ERROR)
+        if 2 * margin >= SEND_TOLERANCE:
+            self._warn_window_closed(error)
         return slot + margin, slot + SEND_TOLERANCE - margin
+
+    def _warn_window_closed(self, error: float) -> None:
+        # Every call then misses its slot and nothing is sent: say so, once a minute,
+        # rather than only in the debug log of each missed slot.
+        now = time.monotonic()
+        if now - self._last_closed_warning < CLOSED_WINDOW_WARNING_EVERY:
+            return
+        self._last_closed_warning = now
+        log.warning(
+            "stop calls cannot be timed: the database clock is known only to within "
+            "%.1f ms (a round trip of about %.0f ms), more than the %.0f ms send "
+            "tolerance allows; no StopCloudTranscode call is sent until it improves",
+            1000 * error,
+            2000 * error,
+            1000 * (SEND_TOLERANCE / 2 + CLOCK_ERROR),
+        )
+
+    def _record_answer(self, job: Job, reply: ZegoReply) -> str:
+        """Store the answer of a call that went out, trying again while the database
+        refuses: a lost answer would leave the request to be sent again, with a new
+        Sequence, after its lease."""
+        for retry in range(1, RECORD_RETRIES):
+            try:
+                return self.record([(job, reply)])[0]
+            except SQLAlchemyError:
+                time.sleep(RECORD_RETRY_DELAY * retry)
+        try:
+            return self.record([(job, reply)])[0]
+        except SQLAlchemyError as exc:
+            log.error(
+                "answer not recorded: task=%s seq=%s outcome=%s code=%s request_id=%s (%s)",
+                job.task_id,
+                job.sequence,
+                reply.outcome,
+                reply.code,
+                reply.request_id,
+                type(exc).__name__,
+            )
+            raise
 
     def record(self, results: list[tuple[Job, ZegoReply]]) -> list[str]:
         """Store the answers, all in one transaction; each request's new state."""

@@ -17,7 +17,8 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from manager.dispatch import NAME_LENGTH, make_dispatcher, process_name
+from manager import get_dispatcher
+from manager.dispatch import NAME_LENGTH, Dispatcher, make_dispatcher, process_name
 from manager.lifecycle import utcnow
 from manager.models import StopAttempt, StopRequest, Task
 from manager.stopping import (
@@ -176,3 +177,50 @@ def test_a_long_host_name_fits_the_claim_columns(monkeypatch: pytest.MonkeyPatch
     assert len(name) <= NAME_LENGTH
     assert name.startswith("worker:ppp")
     assert name.endswith(f":{os.getpid()}")
+
+
+def api_dispatcher(app: Flask) -> Dispatcher:
+    with app.app_context():
+        return get_dispatcher()
+
+
+def test_the_api_stores_an_answer_after_the_database_refused_it_once(
+    app: Flask,
+    client: FlaskClient,
+    auth: dict[str, str],
+    fake_zego: FakeServer,
+    db: Session,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    deliver(client, sequence=3)
+    fake_zego.fake.seed("s-1", "owner-1", sequence=3, notify=False)
+    dispatcher = api_dispatcher(app)
+    stored = dispatcher.record
+    calls: list[int] = []
+
+    def down_once(results: Any) -> list[str]:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OperationalError("INSERT", {}, Exception("connection lost"))
+        return stored(results)
+
+    monkeypatch.setattr(dispatcher, "record", down_once)
+    monkeypatch.setattr("manager.dispatch.RECORD_RETRY_DELAY", 0.01)
+    response = client.post("/api/tasks/s-1/stop", headers=auth)
+    assert response.status_code == 200, response.json
+    assert response.json["stop_request"]["state"] == "succeeded"
+    assert len(calls) == 2
+    assert fake_zego.fake.tasks["s-1"].stops == [4]  # sent once
+
+
+def test_a_closed_send_window_is_warned_about_once_a_minute(
+    app: Flask, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    dispatcher = api_dispatcher(app)
+    monkeypatch.setattr(dispatcher.limiter, "clock_error", lambda: 0.008)  # a 16 ms trip
+    earliest, latest = dispatcher.send_window(100.0)
+    assert earliest > latest  # nothing can be sent
+    dispatcher.send_window(100.0)
+    warnings = [r for r in caplog.records if "cannot be timed" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "16 ms" in warnings[0].getMessage()
