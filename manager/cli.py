@@ -141,19 +141,37 @@ def tasks_command(status: str | None, owner: str | None, limit: int, fmt: str) -
     echo_table(columns, [[r[c] if r[c] is not None else "" for c in columns] for r in rows])
 
 
+MAX_WORKERS = 256
+
+
+def _default_workers(raw: str) -> int:
+    """WEB_CONCURRENCY, checked like every other setting; unset: 2 x CPU cores."""
+    if not raw:
+        return 2 * multiprocessing.cpu_count()
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_WORKERS:
+        # 0 would start gunicorn with no workers at all, and a typo would be ignored.
+        raise click.UsageError(
+            f"WEB_CONCURRENCY must be a whole number from 1 to {MAX_WORKERS}, not {raw!r}"
+        )
+    return int(raw)
+
+
 @click.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
-@click.option("--workers", type=int, help="default: $WEB_CONCURRENCY, else 2 x CPU cores")
+@click.option(
+    "--workers",
+    type=click.IntRange(1, MAX_WORKERS),
+    help="default: $WEB_CONCURRENCY, else 2 x CPU cores",
+)
 @with_appcontext
 def serve_command(host: str, port: int, workers: int | None) -> None:
     """Upgrade the schema, then serve wsgi.py with gunicorn."""
     from .migrate import MIGRATIONS, upgrade
 
-    upgrade(_engine())
     if workers is None:
-        env_workers = os.environ.get("WEB_CONCURRENCY", "")
-        workers = int(env_workers) if env_workers.isdigit() else 2 * multiprocessing.cpu_count()
+        workers = _default_workers(os.environ.get("WEB_CONCURRENCY", "").strip())
+    upgrade(_engine())
     env = dict(os.environ)
     # Must be set before prometheus_client is imported, hence a fresh gunicorn process.
     env.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="manager-metrics-"))

@@ -165,8 +165,17 @@ def _optional_int(env: Mapping[str, str], name: str, low: int, high: int) -> int
 def _url(env: Mapping[str, str], name: str, default: str) -> str:
     raw = env.get(name, "").strip() or default
     parsed = urlparse(raw)
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise ConfigError(f"{name} must be an http(s) URL")
+    if any(c.isspace() for c in raw):
+        raise ConfigError(f"{name} must not contain spaces")
+    if parsed.query or parsed.fragment:
+        # The client appends ?Action=...; a query of its own would be garbled.
+        raise ConfigError(f"{name} must not have a query string or fragment")
+    try:
+        parsed.port  # noqa: B018 - it raises on a port outside 0-65535
+    except ValueError:
+        raise ConfigError(f"{name} has an invalid port") from None
     return raw if raw.endswith("/") else raw + "/"
 
 

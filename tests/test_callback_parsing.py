@@ -162,3 +162,8 @@ def test_stop_needs_a_valid_stop_reason() -> None:
     with pytest.raises(CallbackError) as err:
         parse_callback(body)
     assert "StopReason" in err.value.message
+
+
+def test_a_byte_order_mark_in_front_of_json_is_ignored() -> None:
+    body = {"Event": "transcode_start", "TaskId": "t"}
+    assert decode_body(b"\xef\xbb\xbf" + json.dumps(body).encode()) == body

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import requests
 from flask.testing import FlaskClient, FlaskCliRunner
 
@@ -86,3 +87,22 @@ def test_serve_upgrades_then_serves(tmp_path: Path) -> None:
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=20)
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "abc", "1_0", "100000"])
+def test_serve_refuses_a_bad_web_concurrency(tmp_path: Path, value: str) -> None:
+    result = subprocess.run(
+        [MANAGER, "serve", "--port", str(free_port())],
+        env={
+            **os.environ,
+            "WEB_CONCURRENCY": value,
+            "DATABASE_URL": f"sqlite:///{tmp_path}/x.db",
+            "SECRET_KEY": "serve-test",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "WEB_CONCURRENCY" in result.stderr

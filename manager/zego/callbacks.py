@@ -107,7 +107,8 @@ def decode_body(raw: bytes, content_type: str | None = None) -> dict[str, Any]:
     if not raw.strip():
         raise CallbackError(400, "empty_body", "the request body is empty")
     try:
-        text = raw.decode("utf-8").strip()
+        # utf-8-sig: a byte-order mark in front is allowed (RFC 8259 lets parsers ignore it).
+        text = raw.decode("utf-8-sig").strip()
     except UnicodeDecodeError:
         raise CallbackError(400, "invalid_encoding", "the request body is not UTF-8") from None
     if text.startswith("{"):
