@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from .errors import ApiError
 from .lifecycle import utcnow
 from .models import ApiToken
+from .stopping import RESTOP_BY
 
 LAST_USED_RESOLUTION = timedelta(minutes=1)
 TOKEN_PREFIX = "mgr_"  # noqa: S105 - a marker for secret scanners, not a secret
@@ -36,6 +37,9 @@ def create_token(session: Session, name: str) -> str:
     name = name.strip()
     if not name or len(name) > 128:
         raise ApiError(400, "invalid_name", "a token name is 1 to 128 characters")
+    if name == RESTOP_BY:
+        # Stop requests record their token's name; this one marks the worker's re-stops.
+        raise ApiError(400, "invalid_name", f"the token name {name!r} is reserved")
     if session.execute(select(ApiToken.id).where(ApiToken.name == name)).first():
         raise ApiError(409, "token_exists", f"a token named {name!r} already exists")
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)

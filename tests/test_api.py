@@ -65,6 +65,13 @@ def test_token_names_are_unique_and_revoke_needs_a_known_name(
     assert unknown.exit_code != 0
 
 
+def test_the_workers_name_cannot_be_a_tokens(runner: FlaskCliRunner) -> None:
+    """Stop requests carry their token's name, and "worker" marks the re-stops."""
+    reserved = runner.invoke(args=["tokens", "create", "worker"])
+    assert reserved.exit_code != 0
+    assert "reserved" in reserved.output
+
+
 def test_use_is_noted(client: FlaskClient, auth: dict[str, str], db: Session) -> None:
     client.get("/api/tasks", headers=auth)
     assert db.execute(select(ApiToken.last_used_at)).scalar_one() is not None
