@@ -207,17 +207,27 @@ def settle_ended(session: Session, now: datetime) -> int:
         Task.status.in_(ENDED),
         Task.updated_at >= StopRequest.created_at,
     )
-    result = session.execute(
-        update(StopRequest)
-        .where(
-            StopRequest.state == "queued",
-            or_(StopRequest.claimed_until.is_(None), StopRequest.claimed_until < now),
-            ended_since_asked.exists(),
-        )
-        .values(state="succeeded", completed_at=now, claimed_until=None, claimed_by=None)
-        .execution_options(synchronize_session=False)
+    # Locked as claim_due locks (SKIP LOCKED): workers settling side by side neither
+    # wait on each other's rows nor take them in different orders.
+    ids = list(
+        session.execute(
+            select(StopRequest.id)
+            .where(
+                StopRequest.state == "queued",
+                or_(StopRequest.claimed_until.is_(None), StopRequest.claimed_until < now),
+                ended_since_asked.exists(),
+            )
+            .with_for_update(skip_locked=True, of=StopRequest)
+        ).scalars()
     )
-    return int(getattr(result, "rowcount", 0) or 0)
+    if ids:
+        session.execute(
+            update(StopRequest)
+            .where(StopRequest.id.in_(ids))
+            .values(state="succeeded", completed_at=now, claimed_until=None, claimed_by=None)
+            .execution_options(synchronize_session=False)
+        )
+    return len(ids)
 
 
 def release(session: Session, stop_request_id: int, claimant: str) -> None:
