@@ -41,17 +41,39 @@ def test_tasks_table_and_json(client: FlaskClient, runner: FlaskCliRunner) -> No
     assert {t["task_id"] for t in json.loads(as_json.output)} == {"cli-1", "cli-2"}
 
 
-def test_console_script_names_a_bad_variable(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [MANAGER, "db", "current"],
-        env={**os.environ, "ZEGO_RATE_LIMIT": "lots", "DATABASE_URL": f"sqlite:///{tmp_path}/x.db"},
+def run_manager(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """The installed console script, with these variables added to the environment."""
+    return subprocess.run(
+        [MANAGER, *args],
+        env={**os.environ, **env},
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
+
+
+def test_console_script_names_a_bad_variable(tmp_path: Path) -> None:
+    result = run_manager(
+        "db", "current", ZEGO_RATE_LIMIT="lots", DATABASE_URL=f"sqlite:///{tmp_path}/x.db"
+    )
     assert result.returncode != 0
     assert "ZEGO_RATE_LIMIT" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql+psycopg://u:hunter2@h:notaport/db",
+        "postgresql+psycopg2://u:hunter2@h/db",
+    ],
+)
+def test_bad_database_url_is_named_without_a_traceback(url: str) -> None:
+    result = run_manager("db", "current", DATABASE_URL=url)
+    assert result.returncode != 0
+    assert "DATABASE_URL" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "hunter2" not in result.stdout + result.stderr
 
 
 def test_serve_upgrades_then_serves(tmp_path: Path) -> None:
@@ -91,18 +113,13 @@ def test_serve_upgrades_then_serves(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("value", ["0", "-3", "abc", "1_0", "100000"])
 def test_serve_refuses_a_bad_web_concurrency(tmp_path: Path, value: str) -> None:
-    result = subprocess.run(
-        [MANAGER, "serve", "--port", str(free_port())],
-        env={
-            **os.environ,
-            "WEB_CONCURRENCY": value,
-            "DATABASE_URL": f"sqlite:///{tmp_path}/x.db",
-            "SECRET_KEY": "serve-test",
-        },
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    result = run_manager(
+        "serve",
+        "--port",
+        str(free_port()),
+        WEB_CONCURRENCY=value,
+        DATABASE_URL=f"sqlite:///{tmp_path}/x.db",
+        SECRET_KEY="serve-test",
     )
     assert result.returncode != 0
     assert "WEB_CONCURRENCY" in result.stderr
