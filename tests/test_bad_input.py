@@ -25,6 +25,7 @@ from werkzeug.wrappers import Request
 from manager import MAX_BODY_BYTES
 from manager.models import Delivery, Task
 from manager.web.callbacks import STORED_BODY_BYTES
+from manager.zego.callbacks import MAX_CALLBACK_SEQUENCE
 from manager.zego.signing import callback_signature
 
 from .conftest import CALLBACK_SECRET, callback
@@ -660,9 +661,18 @@ def test_negative_sequence_is_refused(client: FlaskClient, db: Session, value: A
     assert_refused(ex, status=400, code="invalid_field", mentions=("Sequence",))
 
 
-@pytest.mark.parametrize("value", [0, 2**63 - 1, "2", 3.0])
+@pytest.mark.parametrize("value", [0, MAX_CALLBACK_SEQUENCE, "2", 3.0])
 def test_boundary_sequences_are_accepted(client: FlaskClient, db: Session, value: Any) -> None:
     assert_applied(send(client, db, signed(Sequence=value)))
+
+
+@pytest.mark.parametrize("value", [MAX_CALLBACK_SEQUENCE + 1, 2**63 - 1])
+def test_sequences_that_leave_no_room_for_our_stops_are_refused(
+    client: FlaskClient, db: Session, value: int
+) -> None:
+    """Each stop attempt takes max_seq + 1: a callback may not bring a BIGINT's last values."""
+    ex = send(client, db, signed(Sequence=value))
+    assert_refused(ex, status=400, code="invalid_field", mentions=("Sequence",))
 
 
 def test_fractional_timestamp_is_refused(client: FlaskClient, db: Session) -> None:

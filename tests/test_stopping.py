@@ -20,6 +20,7 @@ from manager.db import Base
 from manager.lifecycle import utcnow
 from manager.models import StopAttempt, StopRequest, Task
 from manager.stopping import MAX_RESTOPS, RESTOP_BY
+from manager.zego.callbacks import MAX_CALLBACK_SEQUENCE
 from manager.zego.fake import Failure, FakeServer
 
 from .conftest import CALLBACK_SECRET, SERVER_SECRET, callback
@@ -181,6 +182,17 @@ def test_a_forced_stop_of_an_ended_task_is_still_sent(
     make_due(db)
     assert "1 attempts" in worker_once(runner)
     assert len(zego_stops(fake_zego)) == 2
+
+
+def test_a_task_at_the_highest_callback_sequence_can_still_be_stopped(
+    client: FlaskClient, auth: dict[str, str], fake_zego: FakeServer, db: Session
+) -> None:
+    start(client, seq=MAX_CALLBACK_SEQUENCE)
+    fake_zego.fake.seed("s-1", "owner-1", sequence=MAX_CALLBACK_SEQUENCE, notify=False)
+    response = stop(client, auth)
+    assert response.status_code == 200, response.json
+    assert response.json["stop_request"]["sequence"] == MAX_CALLBACK_SEQUENCE + 1
+    assert type(db.execute(select(Task.max_seq)).scalar_one()) is int
 
 
 @pytest.mark.parametrize("code", [110200002, 110200003, 100000005, 100000004, 110200160])

@@ -26,6 +26,9 @@ STATUS_STOPPED = "TranscodeStopped"
 MAX_ID_LENGTH = 256
 MAX_NONCE_LENGTH = 128
 INT64_MAX = 2**63 - 1
+# Room above every Sequence a callback may carry for the Sequences our own stop
+# attempts take (max_seq + 1 each), so that they never overflow a BIGINT.
+MAX_CALLBACK_SEQUENCE = INT64_MAX - 2**32
 # Far deeper than any real callback, far shallower than Python's recursion limit, which
 # json.dumps (the digest, the JSON columns) would otherwise reach when the body is saved.
 MAX_JSON_DEPTH = 32
@@ -271,7 +274,7 @@ def parse_callback(payload: dict[str, Any], path_event: str | None = None) -> Ca
     signature = _required(_text(payload, "Signature", required=True, limit=128))
     app_id = _required(_integer(payload, "Appid", required=True, high=2**32 - 1))
     task_id = _required(_text(payload, "TaskId", required=True, limit=MAX_ID_LENGTH))
-    sequence = _integer(payload, "Sequence", required=False)
+    sequence = _integer(payload, "Sequence", required=False, high=MAX_CALLBACK_SEQUENCE)
     status = _text(payload, "Status", required=event == EVENT_START, limit=32)
     user_id = _text(payload, "UserId", required=event == EVENT_START, limit=MAX_ID_LENGTH)
     stop_reason = None
