@@ -16,6 +16,7 @@ from flask.cli import AppGroup, FlaskGroup, with_appcontext
 
 from .db import begin_write
 from .errors import ApiError
+from .queries import is_number
 from .stored_text import reason_problem, text_problem
 
 db_cli = AppGroup("db", help="Schema migrations (Alembic).")
@@ -148,7 +149,7 @@ def _default_workers(raw: str) -> int:
     """WEB_CONCURRENCY, checked like every other setting; unset: 2 x CPU cores."""
     if not raw:
         return 2 * multiprocessing.cpu_count()
-    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_WORKERS:
+    if not is_number(raw) or not 1 <= int(raw) <= MAX_WORKERS:
         # 0 would start gunicorn with no workers at all, and a typo would be ignored.
         raise click.UsageError(
             f"WEB_CONCURRENCY must be a whole number from 1 to {MAX_WORKERS}, not {raw!r}"

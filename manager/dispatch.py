@@ -35,8 +35,6 @@ CLOSED_WINDOW_WARNING_EVERY = 60.0  # seconds
 # A call's answer is stored again after 0.2 s, then 0.4 s, before the endpoint gives up.
 RECORD_RETRIES = 3
 RECORD_RETRY_DELAY = 0.2
-
-
 NAME_LENGTH = 64  # stop_requests.claimed_by and stop_attempts.worker
 
 

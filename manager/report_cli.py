@@ -28,7 +28,7 @@ from .reporting import (
     stuck,
     summary,
 )
-from .stored_text import text_problem
+from .stored_text import check_storable
 
 
 @click.command("report")
@@ -73,8 +73,8 @@ def report_command(
         if limit is not None and name != "owners":
             raise ApiError(400, "invalid_parameter", "--limit applies to the owners report only")
         first = parse_limit(limit, OWNERS_LIMIT, MAX_OWNERS_LIMIT)
-        if owner is not None and (problem := text_problem(owner)) is not None:
-            raise ApiError(400, "invalid_parameter", f"--owner {problem}")
+        if owner is not None:
+            check_storable("--owner", owner)
     except ApiError as exc:
         raise click.ClickException(exc.message) from None
 

@@ -323,8 +323,6 @@ def record_attempts(
 def _overtaken(session: Session, jobs: Sequence[Job]) -> set[int]:
     """The jobs' requests whose task has recorded a delivery with a Sequence at or above
     the attempt's: one that came after the Sequence was taken, which was above all."""
-    if not jobs:
-        return set()
     overtaken = set()
     for job in jobs:
         newer = session.execute(

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import re
 
+from .errors import ApiError
+
 MAX_REASON_LENGTH = 500  # stop_requests.reason and stop_batches.reason are String(500)
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
@@ -19,6 +21,14 @@ def text_problem(value: str) -> str | None:
     if _UNSTORABLE.search(value):
         return "must not contain NUL characters or unpaired surrogates"
     return None
+
+
+def check_storable(name: str, value: str, code: str = "invalid_parameter") -> str:
+    """`value`, or a 400 naming `name` when no text column can hold it."""
+    problem = text_problem(value)
+    if problem is not None:
+        raise ApiError(400, code, f"{name} {problem}")
+    return value
 
 
 def reason_problem(reason: str) -> str | None:

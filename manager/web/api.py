@@ -31,7 +31,7 @@ from ..queries import (
     task_stop_requests,
 )
 from ..stopping import BulkSelection, create_batch
-from ..stored_text import reason_problem, text_problem
+from ..stored_text import check_storable, reason_problem
 from .auth import require_token
 
 # The API waits this long for a rate slot before leaving the stop to the worker.
@@ -66,7 +66,7 @@ def tasks() -> dict[str, Any]:
     owner = args.get("owner") or None
     flt = TaskFilter(
         status=parse_status(args.get("status")),
-        owner=None if owner is None else _storable("owner", owner, "invalid_parameter"),
+        owner=None if owner is None else check_storable("owner", owner),
         since=since,
         until=until,
         app_id=get_settings().zego_app_id,
@@ -181,7 +181,7 @@ def _reason(body: dict[str, Any]) -> str | None:
 
 
 def _task_id(task_id: str) -> str:
-    return _storable("task_id", task_id, "invalid_task_id")
+    return check_storable("task_id", task_id, "invalid_task_id")
 
 
 def _force(raw: str | None) -> bool:
@@ -201,14 +201,7 @@ def _check_selector_text(body: dict[str, Any]) -> None:
     if isinstance(ids, list):
         for i, task_id in enumerate(ids):
             if isinstance(task_id, str):
-                _storable(f"task_ids[{i}]", task_id, "invalid_body")
+                check_storable(f"task_ids[{i}]", task_id, "invalid_body")
     owner = body.get("owner")
     if isinstance(owner, str):
-        _storable("owner", owner, "invalid_body")
-
-
-def _storable(name: str, value: str, code: str) -> str:
-    problem = text_problem(value)
-    if problem is not None:
-        raise ApiError(400, code, f"{name} {problem}")
-    return value
+        check_storable("owner", owner, "invalid_body")

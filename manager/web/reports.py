@@ -40,7 +40,7 @@ from ..reporting import (
     summary,
     utcnow,
 )
-from ..stored_text import text_problem
+from ..stored_text import check_storable
 from .auth import require_token
 
 bp = Blueprint("reports", __name__, url_prefix="/api/reports")
@@ -55,8 +55,8 @@ def report(name: str) -> Response:
     fmt = _format()
     window = parse_window(args.get("since"), args.get("until"))
     owner = args.get("owner") or None
-    if owner is not None and (problem := text_problem(owner)) is not None:
-        raise ApiError(400, "invalid_parameter", f"owner {problem}")
+    if owner is not None:
+        check_storable("owner", owner)
     if name == "summary":
         body = summary(get_session(), window, owner)
         if fmt == "json":
