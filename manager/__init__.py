@@ -37,12 +37,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["manager.settings"] = settings
     app.extensions["manager.engine"] = engine
     app.extensions["manager.sessions"] = make_session_factory(engine)
-    if engine.dialect.name == "postgresql":
-        # The callback fast path's own pool, whose connections stay in autocommit mode:
-        # switching a pooled connection in and out of it costs more than its statement.
-        app.extensions["manager.autocommit_engine"] = make_engine(
-            settings.database_url, isolation_level="AUTOCOMMIT"
-        )
 
     @app.teardown_appcontext
     def _close_session(_exc: BaseException | None) -> None:
@@ -79,7 +73,7 @@ def create_app(settings: Settings | None = None) -> Flask:
 
 def dispose_engines(app: Flask) -> None:
     """Close every pooled connection the app holds."""
-    for name in ("manager.engine", "manager.autocommit_engine"):
+    for name in ("manager.engine",):
         if name in app.extensions:
             app.extensions[name].dispose()
 

@@ -122,13 +122,21 @@ def tokens_revoke(name: str) -> None:
 
 
 @click.command("tasks")
+@click.option("--task", "task_id", callback=_storable, help="Show this task and its runs.")
 @click.option("--status", type=click.Choice(["running", "stopping", "stopped", "failed"]))
 @click.option("--owner", callback=_storable)
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 500))
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
 @with_appcontext
-def tasks_command(status: str | None, owner: str | None, limit: int, fmt: str) -> None:
-    """List tasks, newest first."""
+def tasks_command(
+    task_id: str | None, status: str | None, owner: str | None, limit: int, fmt: str
+) -> None:
+    """List tasks, newest first; with --task, one task's state and every run of it."""
+    if task_id is not None:
+        if status is not None or owner is not None:
+            raise click.UsageError("--task shows one task: leave out --status and --owner")
+        _show_task(task_id, fmt)
+        return
     from .queries import TaskFilter, list_tasks, task_json
 
     settings = current_app.extensions["manager.settings"]
@@ -140,6 +148,57 @@ def tasks_command(status: str | None, owner: str | None, limit: int, fmt: str) -
         return
     columns = ["task_id", "owner", "status", "sequence", "started_at", "ended_at"]
     echo_table(columns, [[r[c] if r[c] is not None else "" for c in columns] for r in rows])
+
+
+# The task's fields `tasks --task` prints above its runs, in this order.
+TASK_FIELDS = (
+    "task_id",
+    "owner",
+    "status",
+    "stop_reason",
+    "sequence",
+    "runs",
+    "first_seen_at",
+    "started_at",
+    "ended_at",
+    "updated_at",
+    "last_delivery_at",
+)
+RUN_COLUMNS = ("run", "owner", "started_at", "ended_at", "ended", "seconds")
+
+
+def _show_task(task_id: str, fmt: str) -> None:
+    """One task as GET /api/tasks/<id> shows its state and runs."""
+    from .lifecycle import utcnow
+    from .queries import find_task, run_json, task_json, task_runs
+
+    settings = current_app.extensions["manager.settings"]
+    with _session() as session, _api_errors():
+        task = find_task(session, task_id, settings.zego_app_id)
+        now = utcnow()
+        body: dict[str, Any] = {
+            "task": task_json(task),
+            "runs": [run_json(run, now) for run in task_runs(session, task)],
+        }
+    if fmt == "json":
+        click.echo(json.dumps(body, indent=2))
+        return
+    width = max(len(f) for f in TASK_FIELDS)
+    for field in TASK_FIELDS:
+        value = body["task"][field]
+        click.echo(f"{field.ljust(width)}  {'' if value is None else value}".rstrip())
+    click.echo()
+    if not body["runs"]:
+        click.echo("no runs yet")
+        return
+    blanks = {"started_at": "unknown", "ended": "running"}
+    echo_table(
+        RUN_COLUMNS,
+        [
+            [blanks.get(c, "") if run[c] is None else run[c] for c in RUN_COLUMNS]
+            for run in body["runs"]
+        ],
+    )
 
 
 MAX_WORKERS = 256
@@ -347,9 +406,11 @@ def register_commands(app: Flask) -> None:
     app.cli.add_command(fake_zego_command)
     app.cli.add_command(demo_command)
 
+    from .rebuild_cli import rebuild_command
     from .report_cli import report_command
 
     app.cli.add_command(report_command)
+    app.cli.add_command(rebuild_command)
 
 
 def _create_app() -> Flask:

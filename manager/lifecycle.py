@@ -1,49 +1,72 @@
-"""The task state rules of SPEC 3.2: apply one verified callback to its task.
+"""Record a verified callback and keep its task and runs what its events make them.
 
-Concurrency: the nonce ledger and the duplicate key are unique constraints
-claimed with INSERT … ON CONFLICT DO NOTHING, and the task row is locked (created
-by INSERT … ON CONFLICT DO NOTHING, or else locked by SELECT … FOR UPDATE, on
-PostgreSQL; SQLite transactions start with BEGIN IMMEDIATE) before the ordering
-rules read it. Locks are always taken in the order task, nonce, event key, here
-and on PostgreSQL's fast path (manager/pg_fastpath.py), so concurrent deliveries
-cannot deadlock, and the result is the same as some serial order.
+The rules live in manager/callbacks/rules.py; this module stores what they return,
+on every backend: the webhook's callbacks (`apply_callback`), our own stop requests
+that ZEGOCLOUD accepted (`apply_accepted_stop`) and `manager rebuild` (`refold`) all
+end in `advance` or `refold`, which read the task's locked row and write it back.
 
-The rules (`apply_to_task`) run in Python on a `TaskState`, a plain copy of the
-locked row, for every backend. PostgreSQL's fast path runs a copy of them in the
-database, in manager_apply_callback() (migrations/versions/0011_*): a change to the
-rules here needs the same change there, in a new migration, and
-tests/test_pg_function.py fails until both agree.
+Most deliveries are newer than everything their task has seen; `rules.extend` applies
+those to the task row alone. Any other (a late one, or one for a task whose
+StopReason 1 stop is placed by time) refolds the task's whole history: its recorded
+events are read back and `rules.fold` recomputes the task and every run.
 
-Around the rules this is the hot path of the service, so it runs statements built
-once, at import, on the caller's connection: on PostgreSQL one statement creates or
-locks the task and claims the nonce, and one records the delivery and writes the
-task back only if the delivery's event key was free; SQLite, which has no
-data-modifying CTEs, takes a few more statements.
+Concurrency: the nonce ledger and the duplicate key are unique constraints claimed
+with INSERT … ON CONFLICT DO NOTHING, and the task row is locked (created by INSERT …
+ON CONFLICT DO NOTHING, or else locked by SELECT … FOR UPDATE, on PostgreSQL; SQLite
+transactions start with BEGIN IMMEDIATE) before the rules read it. Locks are always
+taken in the order task, nonce, event key, so concurrent deliveries cannot deadlock,
+and the result is that of some serial order, which the fold makes the same for all.
+
+This is the hot path of the service, so it runs statements built once, at import, on
+the caller's connection: on PostgreSQL one statement creates or locks the task and
+claims the nonce, and one records the delivery and, only if its event key was free,
+writes the task and its changed runs back; SQLite takes a few more statements.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from psycopg.types.json import Json
-from sqlalchemy import JSON, Connection, DateTime, Table, bindparam, insert, select, update
-from sqlalchemy.dialects import sqlite
+from sqlalchemy import (
+    JSON,
+    Connection,
+    DateTime,
+    Table,
+    bindparam,
+    delete,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
 
-from .models import CallbackNonce, Delivery, Task, TaskRun
+from .callbacks.rules import (
+    ENDED,
+    FAILED_ON_ITS_OWN,
+    NO_POSITION,
+    Ending,
+    Event,
+    History,
+    Rank,
+    Run,
+    TaskStatus,
+    extend,
+    fold,
+)
+from .models import CallbackNonce, Delivery, StopAttempt, StopRequest, Task, TaskRun
 from .sqlutil import driver_execute
 from .zego.callbacks import STATUS_STARTED, Callback, CallbackError
 
-# Ranks are doubled so that our own stop request fits between update and stop (2.5).
-RANK_STARTED = 2
-RANK_UPDATED = 4
-RANK_STOP_REQUEST = 5
-RANK_STOPPED = 6
+__all__ = ["ENDED", "Outcome", "TaskState", "apply_callback", "utcnow"]
 
-ACTIVE = ("running", "stopping")
-ENDED = ("stopped", "failed")
-NO_POSITION = -1  # below any Sequence: a missing Sequence counts as 0
+# ZEGOCLOUD retries a callback 5 times within about 62 s (zego-reference.md §6.2); twice
+# that, to be safe, tells a resend of a failure stop from another failure.
+RESEND_SPAN = timedelta(seconds=120)
 
 
 @dataclass(frozen=True)
@@ -52,6 +75,7 @@ class Outcome:
     reason: str | None
     task_pk: int
     delivery_id: int
+    refolded: bool | None = None  # None: a duplicate, which changes nothing
 
 
 @dataclass(slots=True)
@@ -72,14 +96,23 @@ class TaskState:
     input: Any | None
     outputs: Any | None
     runs: int
-    run_floor_seq: int
-    run_start_seq: int | None
-    run_start_rank: int | None
-    end_seq: int | None
+    failure_stops: int
+    run_start_seen: bool
     started_at: datetime | None
     ended_at: datetime | None
     updated_at: datetime
     last_delivery_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Change:
+    """What an event did to its task: its history after, and the runs to write."""
+
+    history: History
+    changed: bool
+    runs: list[tuple[int, Run]]  # (run_no, run) to insert or replace
+    owner_changed: bool
+    full: bool  # refolded: runs above history.run_count are to be deleted
 
 
 def utc_from_timestamp(ts: int) -> datetime:
@@ -91,10 +124,197 @@ def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
-def event_rank(cb: Callback) -> int:
+def event_of(cb: Callback) -> Event:
     if cb.is_stop:
-        return RANK_STOPPED
-    return RANK_STARTED if cb.status == STATUS_STARTED else RANK_UPDATED
+        rank = Rank.STOPPED
+    else:
+        rank = Rank.STARTED if cb.status == STATUS_STARTED else Rank.UPDATED
+    return Event(
+        rank=rank,
+        sequence=cb.sequence,
+        at=utc_from_timestamp(cb.timestamp),
+        stop_reason=cb.stop_reason,
+        user_id=cb.user_id,
+    )
+
+
+def history_of(task: TaskState) -> History:
+    """The part of the fold that the task row keeps: its registers and its last run."""
+    runs: tuple[Run, ...] = ()
+    if task.runs > 0:
+        ending = None
+        if task.status in ENDED:
+            ending = Ending.FAILED if task.status == TaskStatus.FAILED else Ending.STOPPED
+        runs = (Run(task.started_at, task.ended_at, ending, start_seen=task.run_start_seen),)
+    owner_position = None
+    if task.owner_seq is not None and task.owner_rank is not None:
+        owner_position = (task.owner_seq, task.owner_rank)
+    return History(
+        status=TaskStatus(task.status),
+        position=(task.state_seq, task.state_rank),
+        owner=task.owner,
+        owner_position=owner_position,
+        failure_stops=task.failure_stops,
+        runs=runs,
+        first_run=max(task.runs - 1, 0),
+    )
+
+
+def advance(conn: Connection, task: TaskState, event: Event, *, stored: bool) -> Change:
+    """The task after one more event, by `extend` where it can tell, else by `fold`.
+
+    `stored`: the event is already among the task's recorded events (a stop attempt
+    is recorded before its task moves); a callback is recorded after.
+    """
+    before = history_of(task)
+    after = extend(before, event)
+    if after is None:
+        events = load_events(conn, task.id)
+        if not stored:
+            events.append(event)
+        return compare(conn, task, fold(events))
+    runs = [
+        (after.first_run + i + 1, run)
+        for i, run in enumerate(after.runs)
+        if after.first_run + i >= before.run_count or not run.same_as(before.runs[-1])
+    ]
+    owner_changed = after.owner != before.owner
+    changed = bool(runs) or owner_changed or _task_fields(after) != _task_fields(before)
+    return Change(after, changed, runs, owner_changed, full=False)
+
+
+def compare(conn: Connection, task: TaskState, after: History) -> Change:
+    """A whole fold against what is stored: the runs that differ, and whether anything does."""
+    return diff(task, conn.execute(_RUNS_OF, {"task_pk": task.id}).all(), after)
+
+
+def diff(task: TaskState, stored: Sequence[Any], after: History) -> Change:
+    """A whole fold against the task's row and its stored runs (rows of run_no, owner,
+    started_at, ended_at, stop_reason, in run_no order)."""
+    runs = []
+    for number, run in enumerate(after.runs, start=1):
+        old = stored[number - 1] if number <= len(stored) else None
+        if old is None or old.owner != after.owner or not run.same_as(stored_run(old)):
+            runs.append((number, run))
+    before = history_of(task)
+    changed = (
+        bool(runs)
+        or len(stored) != after.run_count
+        or after.owner != before.owner
+        or _task_fields(after) != _task_fields(before)
+    )
+    return Change(after, changed, runs, owner_changed=False, full=True)
+
+
+def stored_run(row: Any) -> Run:
+    ending = None
+    if row.ended_at is not None:
+        ending = {0: Ending.STOPPED, 1: Ending.FAILED}.get(row.stop_reason, Ending.UNSEEN)
+    return Run(row.started_at, row.ended_at, ending)
+
+
+def _task_fields(h: History) -> tuple[Any, ...]:
+    last = h.last_run
+    return (
+        h.status,
+        h.position,
+        h.owner,
+        h.failure_stops,
+        h.run_count,
+        None if last is None else (last.started_at, last.ended_at, last.stop_reason),
+        None if last is None else last.start_seen,
+    )
+
+
+def load_events(conn: Connection, task_pk: int) -> list[Event]:
+    """The task's recorded events: non-duplicate verified callbacks, accepted stops."""
+    events = [delivery_event(row) for row in conn.execute(_EVENTS_OF, {"task_pk": task_pk})]
+    events.extend(
+        accepted_stop_event(row) for row in conn.execute(_ACCEPTED_STOPS_OF, {"task_pk": task_pk})
+    )
+    return events
+
+
+def delivery_event(row: Any) -> Event:
+    """The event of a recorded delivery (event, status, sequence, stop_reason,
+    zego_timestamp, user_id)."""
+    if row.event == "transcode_stop":
+        rank = Rank.STOPPED
+    else:
+        rank = Rank.STARTED if row.status == STATUS_STARTED else Rank.UPDATED
+    return Event(
+        rank=rank,
+        sequence=row.sequence or 0,
+        at=utc_from_timestamp(row.zego_timestamp),
+        stop_reason=row.stop_reason,
+        user_id=row.user_id,
+    )
+
+
+def accepted_stop_event(row: Any) -> Event:
+    """The event of a stop attempt that ZEGOCLOUD accepted (sequence, attempted_at)."""
+    return Event(Rank.STOP_REQUEST, row.sequence, row.attempted_at)
+
+
+def task_values(task: TaskState, change: Change) -> dict[str, Any]:
+    """The task row's columns after the change, the registers outside the fold included."""
+    h = change.history
+    last = h.last_run
+    owner_seq, owner_rank = (None, None) if h.owner_position is None else h.owner_position
+    return {
+        "task_pk": task.id,
+        "status": str(h.status),
+        "stop_reason": None if last is None else last.stop_reason,
+        "state_seq": h.position[0],
+        "state_rank": h.position[1],
+        "max_seq": task.max_seq,
+        "owner_seq": owner_seq,
+        "owner_rank": owner_rank,
+        "owner": h.owner,
+        "details_seq": task.details_seq,
+        "details_rank": task.details_rank,
+        "input": task.input,
+        "outputs": task.outputs,
+        "runs": h.run_count,
+        "failure_stops": h.failure_stops,
+        "run_start_seen": last is not None and last.start_seen,
+        "started_at": None if last is None else last.started_at,
+        "ended_at": None if last is None else last.ended_at,
+        "updated_at": task.updated_at,
+        "last_delivery_at": task.last_delivery_at,
+    }
+
+
+def run_rows(task_pk: int, change: Change) -> list[dict[str, Any]]:
+    return [
+        {
+            "run_task_pk": task_pk,
+            "run_number": number,
+            "run_owner": change.history.owner,
+            "run_started_at": run.started_at,
+            "run_ended_at": run.ended_at,
+            "run_stop_reason": run.stop_reason,
+        }
+        for number, run in change.runs
+    ]
+
+
+def write_back(conn: Connection, task: TaskState, change: Change) -> None:
+    """Write the task and its changed runs with portable statements (any backend)."""
+    conn.execute(_WRITE_BACK_TASK, task_values(task, change))
+    _write_runs(conn, task.id, change)
+
+
+def _write_runs(conn: Connection, task_pk: int, change: Change) -> None:
+    rows = run_rows(task_pk, change)
+    if rows:
+        conn.execute(_UPSERT_RUN[conn.dialect.name], rows)
+    if change.owner_changed:
+        conn.execute(_SET_RUN_OWNERS, {"run_task_pk": task_pk, "owner": change.history.owner})
+    if change.full:
+        conn.execute(
+            _DELETE_RUNS_AFTER, {"run_task_pk": task_pk, "count": change.history.run_count}
+        )
 
 
 def apply_callback(
@@ -106,7 +326,7 @@ def apply_callback(
     received_at: datetime,
     remote_addr: str | None,
 ) -> Outcome:
-    """Record one verified delivery and move its task if it is the newest. Never commits.
+    """Record one verified delivery and move its task as its events now say. Never commits.
 
     `conn` is in a write transaction (db.write_connection), which the caller commits.
     """
@@ -146,34 +366,98 @@ def apply_callback(
     }
     if nonce_claimed:
         # The rules first: the verdict goes into the same INSERT that claims the event key.
-        run_before = _run_of(task)
-        verdict, reason = apply_to_task(task, cb, received_at)
+        change = advance(conn, task, event_of(cb), stored=False)
+        verdict, reason = ("applied", None) if change.changed else ("stale", "older_than_state")
+        task.max_seq = max(task.max_seq, cb.sequence)
+        task.last_delivery_at = received_at
+        if change.changed:
+            task.updated_at = received_at
+        if not cb.is_stop:
+            _remember_details(task, cb)
         delivery.update(event_key=cb.event_key(), verdict=verdict, reason=reason)
-        # The delivery keeps the callback's own status and stop_reason; the task's
-        # columns of the same names get the task's.
-        state = {**_task_values(task), **_run_values(task, run_before)}
-        if postgres:
-            values = {_DELIVERY_PREFIX + name: value for name, value in delivery.items()}
-            values.update(state, input=pg_json(task.input), outputs=pg_json(task.outputs))
-            row = driver_execute(conn, _PG_RECORD_AND_WRITE_BACK, values)
-            delivery_id = None if row is None else row[0]
-        else:
-            delivery_id = conn.execute(_INSERT_DELIVERY_IGNORE, delivery).scalar()
-            if delivery_id is not None:
-                conn.execute(_WRITE_BACK_TASK, state)
-                if state["run_changed"]:
-                    # Only the run's own keys: Core would turn any other column-named
-                    # key into a SET target.
-                    run = {k: v for k, v in state.items() if k.startswith("run_")}
-                    conn.execute(_CLOSE_EARLIER_RUNS, run)
-                    conn.execute(_UPSERT_RUN, run)
+        delivery_id = _record_and_write_back(conn, task, change, delivery)
+        if delivery_id is None and cb.stop_reason == FAILED_ON_ITS_OWN:
+            if _another_failure(conn, task.id, cb):
+                delivery["event_key"] = cb.event_key(at_timestamp=True)
+                delivery_id = _record_and_write_back(conn, task, change, delivery)
         if delivery_id is not None:
-            return Outcome(verdict, reason, task.id, delivery_id)
+            return Outcome(verdict, reason, task.id, delivery_id, refolded=change.full)
         # Another delivery holds the event key: this one is a resend, with a new nonce.
         delivery.update(event_key=None, verdict="duplicate", reason="same_event")
     conn.execute(_TOUCH_TASK, {"task_pk": task.id, "last_delivery_at": received_at})
     delivery_id = conn.execute(_INSERT_DELIVERY, delivery).scalar_one()
     return Outcome("duplicate", delivery["reason"], task.id, delivery_id)
+
+
+def _record_and_write_back(
+    conn: Connection, task: TaskState, change: Change, delivery: dict[str, Any]
+) -> int | None:
+    """Record the delivery under its event key and, only if the key was free, write the
+    task and its changed runs back; the delivery's id, or None if the key was taken."""
+    if conn.dialect.name != "postgresql":
+        delivery_id: int | None = conn.execute(_INSERT_DELIVERY_IGNORE, delivery).scalar()
+        if delivery_id is not None:
+            write_back(conn, task, change)
+        return delivery_id
+    values = {_DELIVERY_PREFIX + name: value for name, value in delivery.items()}
+    values.update(task_values(task, change))
+    values.update(
+        input=pg_json(task.input),
+        outputs=pg_json(task.outputs),
+        runs_json=json.dumps(
+            [[n, _iso(r.started_at), _iso(r.ended_at), r.stop_reason] for n, r in change.runs]
+        ),
+        set_owners=change.owner_changed,
+        trim_runs=change.full,
+    )
+    row = driver_execute(conn, _PG_RECORD_AND_WRITE_BACK, values)
+    return None if row is None else int(row[0])
+
+
+def _another_failure(conn: Connection, task_pk: int, cb: Callback) -> bool:
+    """Whether a StopReason 1 stop whose key is taken is another failure, not a resend.
+
+    ZEGOCLOUD's own stops often carry Sequence 0, so a task that fails in two runs sends
+    the same key twice. A resend comes within ZEGOCLOUD's retry span (about 62 s), so
+    a failure further than RESEND_SPAN from every recorded one of that key is new: it
+    is recorded under its key at its Timestamp, whichever of the two came first.
+    """
+    recorded = conn.execute(
+        _FAILURE_TIMES,
+        {"task_pk": task_pk, "sequence": cb.sequence, "event": cb.event, "status": cb.status},
+    ).scalars()
+    return all(abs(ts - cb.timestamp) > RESEND_SPAN.total_seconds() for ts in recorded)
+
+
+def lock_task(conn: Connection, task_pk: int) -> TaskState | None:
+    """The task's row, locked for the rest of the transaction (FOR UPDATE on PostgreSQL)."""
+    row = conn.execute(_LOCK_TASK, {"task_pk": task_pk}).first()
+    return None if row is None else TaskState(*row)
+
+
+def apply_accepted_stop(conn: Connection, task_pk: int, sequence: int, at: datetime) -> bool:
+    """Move a task on by our stop request that ZEGOCLOUD accepted (already recorded as a
+    successful attempt); True when the task changed."""
+    task = lock_task(conn, task_pk)
+    if task is None:
+        return False
+    change = advance(conn, task, Event(Rank.STOP_REQUEST, sequence, at), stored=True)
+    if change.changed:
+        if change.history.status != task.status:
+            # A re-stop of a task already stopping leaves when it became stopping,
+            # which the stuck report shows and the re-stops wait from.
+            task.updated_at = at
+        task.max_seq = max(task.max_seq, sequence)
+        write_back(conn, task, change)
+    return change.changed
+
+
+def refold(conn: Connection, task: TaskState) -> Change:
+    """The task recomputed from all its recorded events, written back where it differs."""
+    change = compare(conn, task, fold(load_events(conn, task.id)))
+    if change.changed:
+        write_back(conn, task, change)
+    return change
 
 
 def _check_retransmission(conn: Connection, cb: Callback, digest: str) -> None:
@@ -194,31 +478,28 @@ def _check_retransmission(conn: Connection, cb: Callback, digest: str) -> None:
         )
 
 
-def _run_of(task: TaskState) -> tuple[Any, ...]:
-    return (task.runs, task.owner, task.started_at, task.ended_at, task.stop_reason)
-
-
-def _run_values(task: TaskState, before: tuple[Any, ...]) -> dict[str, Any]:
-    """The current run's row in task_runs, and whether this delivery changed it."""
-    return {
-        "run_changed": task.runs > 0 and _run_of(task) != before,
-        "run_task_pk": task.id,
-        "run_number": task.runs,
-        "run_owner": task.owner,
-        "run_started_at": task.started_at,
-        "run_ended_at": task.ended_at,
-        "run_stop_reason": task.stop_reason,
-    }
+def _remember_details(task: TaskState, cb: Callback) -> None:
+    """Input and outputs come from the newest start/update that carries them, whatever
+    its verdict: a max-register keyed by (Sequence, rank), so arrival order cannot
+    matter. (They are not in the fold: deliveries keep them only in the raw body.)"""
+    position = event_of(cb).position
+    if cb.input is None and cb.outputs is None:
+        return
+    if task.details_seq is None or task.details_rank is None or position > (
+        task.details_seq,
+        task.details_rank,
+    ):
+        task.details_seq, task.details_rank = position
+        task.input = cb.input
+        task.outputs = cb.outputs
 
 
 def pg_json(value: Any) -> Json | None:
     return None if value is None else Json(value)
 
 
-def _task_values(task: TaskState) -> dict[str, Any]:
-    values = {name: getattr(task, name) for name in _WRITTEN}
-    values["task_pk"] = task.id
-    return values
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
 
 
 # --- statements, built once ---------------------------------------------------------
@@ -229,17 +510,19 @@ _WRITTEN = tuple(name for name in STATE_FIELDS if name != "id")
 _TASKS = cast(Table, Task.__table__)
 _DELIVERIES = cast(Table, Delivery.__table__)
 _NONCES = cast(Table, CallbackNonce.__table__)
+_RUNS = cast(Table, TaskRun.__table__)
 _DELIVERY_COLUMNS = tuple(c.name for c in _DELIVERIES.columns if c.name != "id")
 # The delivery's values in a statement that also writes the task back, whose status
 # and stop_reason are other values under the same names.
 _DELIVERY_PREFIX = "delivery_"
 _NEW_TASK = {
     "status": "running",  # placeholder: a new task always applies its first delivery
-    "state_seq": NO_POSITION,
-    "state_rank": 0,
-    "max_seq": NO_POSITION,
+    "state_seq": NO_POSITION[0],
+    "state_rank": NO_POSITION[1],
+    "max_seq": NO_POSITION[0],
     "runs": 0,
-    "run_floor_seq": NO_POSITION,
+    "failure_stops": 0,
+    "run_start_seen": False,
 }
 # SQL NULL, not JSON null, where a task has no input or outputs.
 _JSON = JSON(none_as_null=True)
@@ -257,7 +540,7 @@ def _set_clause(names: tuple[str, ...]) -> str:
 
 
 _NEW_TASK_SQL = ", ".join(
-    f"'{value}'" if isinstance(value, str) else str(value) for value in _NEW_TASK.values()
+    f"'{value}'" if isinstance(value, str) else str(value).lower() for value in _NEW_TASK.values()
 )
 
 # PostgreSQL statements run on the DBAPI cursor (see sqlutil.driver_execute), hence
@@ -266,11 +549,11 @@ _NEW_TASK_SQL = ", ".join(
 # Step 1: create or lock the task, then claim the nonce. An existing task is locked by
 # SELECT … FOR UPDATE, which writes no new row version: an ON CONFLICT DO UPDATE would,
 # with an entry in each of the task's indexes, only for the write-back to replace it.
-# The nonce is claimed from the task's row, so the task is always locked first, as on
-# the fast path (manager/pg_fastpath.py). A task that another transaction created and
-# committed while this statement waited on its INSERT is in neither branch (it is newer
-# than the statement's snapshot): the row then comes back with a NULL id and no nonce
-# claimed, and _PG_LOCK_AND_CLAIM, a statement of its own, does both.
+# The nonce is claimed from the task's row, so the task is always locked first. A task
+# that another transaction created and committed while this statement waited on its
+# INSERT is in neither branch (it is newer than the statement's snapshot): the row then
+# comes back with a NULL id and no nonce claimed, and _PG_LOCK_AND_CLAIM, a statement
+# of its own, does both.
 _TASK_COLUMNS = ", ".join("t." + name for name in STATE_FIELDS)
 
 
@@ -315,8 +598,10 @@ _PG_LOCK_AND_CLAIM = f"""
 """  # noqa: S608 - column names from the model, values bound
 
 # Step 2: record the delivery under its event key and, only if the key was free, write
-# the task back, and its current run where this delivery changed it (a run that a
-# new one follows without a stop callback ends where the new one starts). No row:
+# the task back and its changed runs (a JSON list of [run_no, started_at, ended_at,
+# stop_reason]); where the owner changed, the other runs take it too, and after a
+# whole fold the runs beyond its count go. The CTEs never touch one row twice: the
+# owner's update skips the runs written here, the trim those above the count. No row:
 # another delivery holds the key.
 _PG_RECORD_AND_WRITE_BACK = f"""
     WITH d AS (
@@ -326,19 +611,26 @@ _PG_RECORD_AND_WRITE_BACK = f"""
     ), written AS (
         UPDATE tasks SET {_set_clause(_WRITTEN)}
         WHERE id = %(task_pk)s AND EXISTS (SELECT FROM d)
-    ), closed AS (
-        UPDATE task_runs SET ended_at = %(run_started_at)s::timestamp
-        WHERE task_pk = %(task_pk)s AND run_no < %(run_number)s AND ended_at IS NULL
-            AND %(run_changed)s::boolean AND EXISTS (SELECT FROM d)
+    ), changed AS (
+        SELECT (r->>0)::integer AS run_no, (r->>1)::timestamp AS started_at,
+            (r->>2)::timestamp AS ended_at, (r->>3)::smallint AS stop_reason
+        FROM json_array_elements(%(runs_json)s::json) AS r
     ), run AS (
         INSERT INTO task_runs (task_pk, run_no, owner, started_at, ended_at, stop_reason)
-        SELECT %(task_pk)s::integer, %(run_number)s::integer, %(run_owner)s::varchar,
-            %(run_started_at)s::timestamp, %(run_ended_at)s::timestamp,
-            %(run_stop_reason)s::smallint
-        WHERE %(run_changed)s::boolean AND EXISTS (SELECT FROM d)
+        SELECT %(task_pk)s::integer, run_no, %(owner)s::varchar, started_at, ended_at,
+            stop_reason
+        FROM changed WHERE EXISTS (SELECT FROM d)
         ON CONFLICT (task_pk, run_no) DO UPDATE SET owner = EXCLUDED.owner,
             started_at = EXCLUDED.started_at, ended_at = EXCLUDED.ended_at,
             stop_reason = EXCLUDED.stop_reason
+    ), owners AS (
+        UPDATE task_runs SET owner = %(owner)s::varchar
+        WHERE task_pk = %(task_pk)s AND %(set_owners)s::boolean AND EXISTS (SELECT FROM d)
+            AND run_no NOT IN (SELECT run_no FROM changed)
+    ), trimmed AS (
+        DELETE FROM task_runs
+        WHERE task_pk = %(task_pk)s AND run_no > %(runs)s AND %(trim_runs)s::boolean
+            AND EXISTS (SELECT FROM d)
     )
     SELECT id FROM d
 """  # noqa: S608 - column names from the model, values bound
@@ -371,22 +663,15 @@ _INSERT_DELIVERY_IGNORE = (
     .on_conflict_do_nothing(index_elements=[_DELIVERIES.c.event_key])
     .returning(_DELIVERIES.c.id)
 )
+
+# Every backend.
+TASK_STATE = select(*(_TASKS.c[name] for name in STATE_FIELDS))
+_LOCK_TASK = TASK_STATE.where(_TASKS.c.id == bindparam("task_pk")).with_for_update()
 _WRITE_BACK_TASK = (
     update(_TASKS)
     .where(_TASKS.c.id == bindparam("task_pk"))
     .values({name: bindparam(name) for name in _WRITTEN if name not in ("input", "outputs")})
     .values(input=_TYPED[0], outputs=_TYPED[1])
-)
-
-_RUNS = cast(Table, TaskRun.__table__)
-_CLOSE_EARLIER_RUNS = (
-    update(_RUNS)
-    .where(
-        _RUNS.c.task_pk == bindparam("run_task_pk"),
-        _RUNS.c.run_no < bindparam("run_number"),
-        _RUNS.c.ended_at.is_(None),
-    )
-    .values(ended_at=bindparam("run_started_at", type_=DateTime()))
 )
 _RUN_COLUMNS = {
     "task_pk": bindparam("run_task_pk"),
@@ -396,19 +681,66 @@ _RUN_COLUMNS = {
     "ended_at": bindparam("run_ended_at", type_=DateTime()),
     "stop_reason": bindparam("run_stop_reason"),
 }
-_UPSERT_RUN = (
-    sqlite.insert(_RUNS)
-    .values(_RUN_COLUMNS)
-    .on_conflict_do_update(
-        index_elements=[_RUNS.c.task_pk, _RUNS.c.run_no],
-        set_={
-            c: sqlite.insert(_RUNS).excluded[c]
-            for c in ("owner", "started_at", "ended_at", "stop_reason")
-        },
-    )
-)
 
-# Every backend: the nonce's digest, and the record of a duplicate.
+
+def _upsert_run(dialect_insert: Any) -> Any:
+    statement = dialect_insert(_RUNS).values(_RUN_COLUMNS)
+    return statement.on_conflict_do_update(
+        index_elements=[_RUNS.c.task_pk, _RUNS.c.run_no],
+        set_={c: statement.excluded[c] for c in ("owner", "started_at", "ended_at", "stop_reason")},
+    )
+
+
+_UPSERT_RUN = {"sqlite": _upsert_run(sqlite.insert), "postgresql": _upsert_run(postgresql.insert)}
+_SET_RUN_OWNERS = (
+    update(_RUNS)
+    .where(_RUNS.c.task_pk == bindparam("run_task_pk"))
+    .values(owner=bindparam("owner"))
+)
+_DELETE_RUNS_AFTER = delete(_RUNS).where(
+    _RUNS.c.task_pk == bindparam("run_task_pk"), _RUNS.c.run_no > bindparam("count")
+)
+RUN_COLUMNS = (
+    _RUNS.c.task_pk,
+    _RUNS.c.run_no,
+    _RUNS.c.owner,
+    _RUNS.c.started_at,
+    _RUNS.c.ended_at,
+    _RUNS.c.stop_reason,
+)
+_RUNS_OF = (
+    select(*RUN_COLUMNS)
+    .where(_RUNS.c.task_pk == bindparam("task_pk"))
+    .order_by(_RUNS.c.run_no)
+)
+EVENT_COLUMNS = (
+    _DELIVERIES.c.task_pk,
+    _DELIVERIES.c.event,
+    _DELIVERIES.c.status,
+    _DELIVERIES.c.sequence,
+    _DELIVERIES.c.stop_reason,
+    _DELIVERIES.c.zego_timestamp,
+    _DELIVERIES.c.user_id,
+)
+# A delivery is one of its task's events when it holds its event key: verified, and
+# not a duplicate (rejected and duplicate deliveries have none).
+IS_EVENT = _DELIVERIES.c.event_key.is_not(None)
+_EVENTS_OF = select(*EVENT_COLUMNS).where(_DELIVERIES.c.task_pk == bindparam("task_pk"), IS_EVENT)
+ACCEPTED_STOP_COLUMNS = (StopRequest.task_pk, StopAttempt.sequence, StopAttempt.attempted_at)
+ACCEPTED_STOPS = (
+    select(*ACCEPTED_STOP_COLUMNS)
+    .join(StopRequest, StopRequest.id == StopAttempt.stop_request_id)
+    .where(StopAttempt.outcome == "success")
+)
+_ACCEPTED_STOPS_OF = ACCEPTED_STOPS.where(StopRequest.task_pk == bindparam("task_pk"))
+_FAILURE_TIMES = select(_DELIVERIES.c.zego_timestamp).where(
+    _DELIVERIES.c.task_pk == bindparam("task_pk"),
+    _DELIVERIES.c.event == bindparam("event"),
+    _DELIVERIES.c.sequence == bindparam("sequence"),
+    _DELIVERIES.c.status == bindparam("status"),
+    _DELIVERIES.c.stop_reason == FAILED_ON_ITS_OWN,
+    IS_EVENT,
+)
 _SEEN_DIGEST = select(_NONCES.c.body_sha256).where(
     _NONCES.c.zego_timestamp == bindparam("zego_timestamp"),
     _NONCES.c.nonce == bindparam("nonce"),
@@ -423,137 +755,3 @@ _INSERT_DELIVERY = (
     .values({c: bindparam(c) for c in _DELIVERY_COLUMNS})
     .returning(_DELIVERIES.c.id)
 )
-
-
-def apply_to_task(task: TaskState, cb: Callback, now: datetime) -> tuple[str, str | None]:
-    """Apply the ordering rules to a locked task; returns (verdict, reason)."""
-    position = (cb.sequence, event_rank(cb))
-    at = utc_from_timestamp(cb.timestamp)
-
-    task.max_seq = max(task.max_seq, cb.sequence)
-    task.last_delivery_at = now
-    if cb.is_stop:
-        applied = _apply_stop(task, cb, position, at)
-    else:
-        _remember_details(task, cb, position)
-        applied = _apply_start(task, cb, position, at)
-    if applied:
-        task.updated_at = now
-        return "applied", None
-    return "stale", "older_than_state"
-
-
-def _is_fresh(task: TaskState) -> bool:
-    return task.state_seq == NO_POSITION and task.state_rank == 0
-
-
-def _apply_stop(task: TaskState, cb: Callback, position: tuple[int, int], at: datetime) -> bool:
-    current = (task.state_seq, task.state_rank)
-    fresh = _is_fresh(task)
-    active = task.status in ACTIVE
-    # ZEGO documents neither the Sequence of its own stops nor that it echoes ours,
-    # so a stop may also end the run by Sequence or, for StopReason 1, by Timestamp.
-    by_sequence = active and task.run_start_seq is not None and cb.sequence >= task.run_start_seq
-    by_time = (
-        active and cb.stop_reason == 1 and task.started_at is not None and at >= task.started_at
-    )
-    if not (fresh or position > current or by_sequence or by_time):
-        return False
-    if fresh:
-        task.runs = 1  # the stop proves that a run existed, even if its start never came
-    task.status = "failed" if cb.stop_reason == 1 else "stopped"
-    task.stop_reason = cb.stop_reason
-    task.ended_at = at
-    # Starts above end_seq come after this stop. A stop placed by its Timestamp alone
-    # covers everything the run had seen.
-    placed_by_time = by_time and not by_sequence and not position > current
-    task.end_seq = max(cb.sequence, current[0]) if placed_by_time else cb.sequence
-    task.state_seq, task.state_rank = max(position, (current[0], RANK_STOPPED))
-    return True
-
-
-def _apply_start(task: TaskState, cb: Callback, position: tuple[int, int], at: datetime) -> bool:
-    current = (task.state_seq, task.state_rank)
-    fresh = _is_fresh(task)
-    ended = task.status in ENDED
-    # A TranscodeStarted above the Sequence of the stop that ended the run is a new
-    # run, even when that stop was placed above it by the Sequence-or-Timestamp rule.
-    restart = (
-        ended
-        and cb.status == STATUS_STARTED
-        and task.end_seq is not None
-        and cb.sequence > task.end_seq
-    )
-    # An automatic stop (StopReason 1) ends every start that is not later than it.
-    failed_after = task.status == "failed" and task.ended_at is not None and at <= task.ended_at
-
-    if not fresh and (position > current or restart) and failed_after:
-        # Arrival in order would have applied this start and then the failure on top.
-        task.end_seq = max(NO_POSITION if task.end_seq is None else task.end_seq, cb.sequence)
-        task.state_seq, task.state_rank = max(current, (cb.sequence, RANK_STOPPED))
-    elif fresh or position > current or restart:
-        if fresh or ended or cb.status == STATUS_STARTED:
-            task.runs += 1
-            if fresh:
-                task.run_floor_seq = NO_POSITION
-            elif ended and task.end_seq is not None:
-                task.run_floor_seq = task.end_seq
-            else:
-                task.run_floor_seq = max(task.run_floor_seq, cb.sequence - 1)
-            task.run_start_seq, task.run_start_rank = position
-            task.started_at = at
-            task.ended_at = None
-            task.stop_reason = None
-            task.end_seq = None
-        task.status = "running"
-        task.state_seq, task.state_rank = max(position, (current[0], RANK_UPDATED))
-        return True
-
-    _place_in_run(task, cb, position, at)
-    return False
-
-
-def _place_in_run(task: TaskState, cb: Callback, position: tuple[int, int], at: datetime) -> None:
-    """A late start still tells when the current run began; the status stays as it is.
-
-    The run begins at its latest TranscodeStarted (an earlier one belongs to an
-    earlier run), or, where none has come, at its earliest update.
-    """
-    if cb.sequence <= task.run_floor_seq:
-        return  # an earlier run
-    if task.status in ENDED and task.end_seq is not None and cb.sequence > task.end_seq:
-        return  # after the end of this run, yet not a start of a new one
-    start = (
-        None
-        if task.run_start_seq is None or task.run_start_rank is None
-        else (task.run_start_seq, task.run_start_rank)
-    )
-    begun_by_start = start is not None and start[1] == RANK_STARTED
-    if cb.status == STATUS_STARTED and (start is None or position > start):
-        if begun_by_start:
-            task.runs += 1  # a restart we had not heard of
-    elif start is not None and (begun_by_start or position >= start):
-        return
-    task.run_start_seq, task.run_start_rank = position
-    task.started_at = at
-
-
-def _remember_details(task: TaskState, cb: Callback, position: tuple[int, int]) -> None:
-    """Owner, input and outputs come from the newest start/update, whatever its verdict.
-
-    Each is a max-register keyed by (Sequence, rank), so the result does not depend
-    on arrival order; Details count only where a delivery carries them.
-    """
-    if _newer(position, task.owner_seq, task.owner_rank):
-        task.owner_seq, task.owner_rank = position
-        task.owner = cb.user_id
-    if (cb.input is not None or cb.outputs is not None) and _newer(
-        position, task.details_seq, task.details_rank
-    ):
-        task.details_seq, task.details_rank = position
-        task.input = cb.input
-        task.outputs = cb.outputs
-
-
-def _newer(position: tuple[int, int], seq: int | None, rank: int | None) -> bool:
-    return seq is None or rank is None or position > (seq, rank)

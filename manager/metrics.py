@@ -24,15 +24,22 @@ CALLBACK_LATENCY = Histogram(
     "Time to verify, apply and commit one callback",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
-# PostgreSQL: deliveries settled by one call of manager_apply_callback(), or left to the
-# locked path.
-CALLBACK_PATHS = Counter(
-    "manager_callback_paths_total",
-    "Verified callbacks by how they were applied on PostgreSQL: fast (one function call) or locked",
-    ["path"],
+# Most callbacks extend their task's fold from its row; a late one, or one for a task
+# with a failure stop placed by time, refolds the task's whole history.
+CALLBACK_FOLDS = Counter(
+    "manager_callback_folds_total",
+    "Applied or stale callbacks by how their task was recomputed: extend (from the task's row)"
+    " or refold (from its whole history)",
+    ["kind"],
 )
-FAST_PATH = CALLBACK_PATHS.labels("fast")
-LOCKED_PATH = CALLBACK_PATHS.labels("locked")
+_EXTENDED = CALLBACK_FOLDS.labels("extend")
+_REFOLDED = CALLBACK_FOLDS.labels("refold")
+
+
+def count_fold(refolded: bool | None) -> None:
+    """Count how a callback's task was recomputed; None for a duplicate (neither)."""
+    if refolded is not None:
+        (_REFOLDED if refolded else _EXTENDED).inc()
 
 
 # The labelled children, looked up once each: labels() takes a lock and builds a key.

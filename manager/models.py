@@ -20,6 +20,7 @@ from sqlalchemy import (
     SmallInteger,
     String,
     UniqueConstraint,
+    false,
     text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
@@ -37,11 +38,12 @@ def _in(column: str, values: tuple[str, ...]) -> str:
 
 
 class Task(Base):
-    """The current state of one transcoding task, plus the ordering registers behind it.
+    """The current state of one transcoding task: what its events make it.
 
-    Times are naive UTC. (state_seq, state_rank) is the position of whatever decided
-    the status; details_* and run_start_* are separate max/min registers so that the
-    final row does not depend on the order deliveries arrived in.
+    Times are naive UTC. The columns are the result of the fold of the task's events
+    (manager/callbacks/rules.py): (state_seq, state_rank) is the highest position of
+    its events, owner_* and details_* are max-registers, started_at and ended_at are
+    those of its last run; task_runs holds every run.
     """
 
     __tablename__ = "tasks"
@@ -80,10 +82,11 @@ class Task(Base):
     outputs: Mapped[Any | None] = mapped_column(JSON)
 
     runs: Mapped[int] = mapped_column(Integer, default=0)
-    run_floor_seq: Mapped[int] = mapped_column(BigInteger)
-    run_start_seq: Mapped[int | None] = mapped_column(BigInteger)
-    run_start_rank: Mapped[int | None] = mapped_column(SmallInteger)
-    end_seq: Mapped[int | None] = mapped_column(BigInteger)
+    # StopReason 1 stops recorded: their runs are placed by Timestamp, which a later
+    # event can change, so the task's next events refold its whole history.
+    failure_stops: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # The current run was begun by a TranscodeStarted (else an update or a stop showed it).
+    run_start_seen: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     started_at: Mapped[datetime | None] = mapped_column(DateTime)
     ended_at: Mapped[datetime | None] = mapped_column(DateTime)
 
@@ -149,7 +152,8 @@ class RunDay(Base):
     """One UTC day of the runs, as `daily` reports it: daily's figures for a long window.
 
     Written only for days that can no longer change (see manager/rollups.py), in one
-    unbroken run of days from the first run's.
+    unbroken run of days from the first run's. Runs ended that day: stopped + failed +
+    ended_unseen (ended without a stop callback).
     """
 
     __tablename__ = "run_days"
@@ -158,6 +162,7 @@ class RunDay(Base):
     started: Mapped[int] = mapped_column(BigInteger)
     stopped: Mapped[int] = mapped_column(BigInteger)
     failed: Mapped[int] = mapped_column(BigInteger)
+    ended_unseen: Mapped[int] = mapped_column(BigInteger)
     busy_us: Mapped[int] = mapped_column(BigInteger)
 
 

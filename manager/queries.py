@@ -5,14 +5,25 @@ from __future__ import annotations
 import base64
 import binascii
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
+from .callbacks.rules import Ending
 from .errors import ApiError
-from .models import STOP_STATES, TASK_STATUSES, Delivery, StopAttempt, StopBatch, StopRequest, Task
+from .lifecycle import stored_run
+from .models import (
+    STOP_STATES,
+    TASK_STATUSES,
+    Delivery,
+    StopAttempt,
+    StopBatch,
+    StopRequest,
+    Task,
+    TaskRun,
+)
 
 MAX_PAGE = 500
 HISTORY_LIMIT = 1000
@@ -148,12 +159,13 @@ def find_task(session: Session, task_id: str, app_id: int | None) -> Task:
     return task
 
 
-def task_deliveries(session: Session, task: Task) -> list[Delivery]:
+def task_deliveries(session: Session, task: Task, limit: int = HISTORY_LIMIT) -> list[Delivery]:
+    """The task's latest deliveries, newest first."""
     query = (
         select(Delivery)
         .where(Delivery.task_pk == task.id)
         .order_by(Delivery.id.desc())
-        .limit(HISTORY_LIMIT)
+        .limit(limit)
     )
     return list(session.execute(query).scalars())
 
@@ -178,6 +190,47 @@ def task_json(task: Task) -> dict[str, Any]:
         "ended_at": iso(task.ended_at),
         "updated_at": iso(task.updated_at),
         "last_delivery_at": iso(task.last_delivery_at),
+    }
+
+
+def task_runs(session: Session, task: Task, limit: int | None = None) -> list[TaskRun]:
+    """The task's runs in run_no order: all of them, or only the latest `limit`."""
+    query = select(TaskRun).where(TaskRun.task_pk == task.id)
+    if limit is None:
+        return list(session.execute(query.order_by(TaskRun.run_no)).scalars())
+    latest = session.execute(query.order_by(TaskRun.run_no.desc()).limit(limit)).scalars()
+    return list(reversed(list(latest)))
+
+
+def count_runs(session: Session, task: Task) -> int:
+    query = select(func.count()).select_from(TaskRun).where(TaskRun.task_pk == task.id)
+    return int(session.execute(query).scalar_one())
+
+
+def run_end(run: TaskRun) -> Ending | None:
+    """How the run ended, or None while it is still going."""
+    return stored_run(run).ending
+
+
+def run_seconds(run: TaskRun, now: datetime) -> int | None:
+    """Whole seconds from the run's start to its end (to `now` while it is going),
+    never negative; None when its start is unknown."""
+    if run.started_at is None:
+        return None
+    span = (run.ended_at or now) - run.started_at
+    # Rounded half up, as the reports round their seconds.
+    return max((span + timedelta(microseconds=500_000)) // timedelta(seconds=1), 0)
+
+
+def run_json(run: TaskRun, now: datetime) -> dict[str, Any]:
+    end = run_end(run)
+    return {
+        "run": run.run_no,
+        "owner": run.owner,
+        "started_at": iso(run.started_at),
+        "ended_at": iso(run.ended_at),
+        "ended": None if end is None else str(end),
+        "seconds": run_seconds(run, now),
     }
 
 

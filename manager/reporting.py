@@ -44,6 +44,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from . import rollups
+from .callbacks.rules import FAILED_ON_ITS_OWN
 from .models import STOP_STATES, TASK_STATUSES, VERDICTS, Delivery, StopRequest, Task, TaskRun
 
 REPORTS = ("summary", "owners", "daily", "stuck")
@@ -57,8 +58,14 @@ STREAM_BATCH = 2000
 _US = 1_000_000
 _DAY_US = 86400 * _US
 
-FAILED = 1  # task_runs.stop_reason of a run ZEGOCLOUD ended on its own
-STOPPED = 0
+FAILED = FAILED_ON_ITS_OWN  # task_runs.stop_reason of a run ZEGOCLOUD ended on its own
+
+# How an ended run ended, read off its stop_reason as the task's status is: StopReason 1
+# failed, any other stopped; none at all, it ended unseen (a later start showed that it
+# had ended, its stop callback never came). Every ended run is exactly one of the three.
+RUN_FAILED = TaskRun.stop_reason == FAILED
+RUN_STOPPED = TaskRun.stop_reason != FAILED  # NULL compares to neither
+RUN_ENDED_UNSEEN = TaskRun.stop_reason.is_(None)
 
 
 @dataclass(frozen=True)
@@ -112,6 +119,7 @@ class DayRow:
     started: int
     stopped: int
     failed: int
+    ended_unseen: int
     transcoding_seconds: int
 
 
@@ -152,35 +160,23 @@ def summary(
     owner: str | None = None,
     now: datetime | None = None,
 ) -> dict[str, Any]:
-    """Task states, runs started/ended, failure rate, run durations, stops and deliveries."""
+    """Task states, runs started/ended, failure rate, run durations, stops and deliveries.
+
+    `tasks` counts the tasks with a run that overlaps the window, the runs `owners`
+    reports on, by their status now; `ended` = stopped + failed + `ended_unseen`.
+    """
     window = window or Window()
     now = now or utcnow()
     sql = _Dialect(session)
 
-    # One count per status, each a range of an index that leads with the status
-    # (grouping a million rows by a string costs several times more); "active since"
-    # is two disjoint ranges, so that each stays a range of the index.
-    common: list[ColumnElement[bool]] = []
-    if window.until is not None:
-        common.append(Task.first_seen_at < _ts(window.until))
-    if owner is not None:
-        common.append(Task.owner == owner)
-    active: list[list[ColumnElement[bool]]] = [common]
-    if window.since is not None:
-        active = [
-            [Task.last_delivery_at >= _ts(window.since), *common],
-            [Task.last_delivery_at.is_(None), Task.updated_at >= _ts(window.since), *common],
-        ]
-    by_status = _counts_each(session, Task.status, TASK_STATUSES, *active)
-    tasks = dict(by_status)
-    tasks["total"] = sum(by_status.values())
+    tasks = _tasks_by_status(session, window, now, owner)
 
     started_query = select(func.count()).where(window.contains(TaskRun.started_at))
     if owner is not None:
         started_query = started_query.where(TaskRun.owner == owner)
     started = session.execute(started_query).scalar_one()
 
-    ended, failed, durations = _ended_runs(session, sql, window, owner)
+    ended, failed, unseen, durations = _ended_runs(session, sql, window, owner)
 
     stops_query = select(StopRequest.state, func.count()).group_by(StopRequest.state)
     stops_query = stops_query.where(window.contains(StopRequest.created_at))
@@ -199,11 +195,32 @@ def summary(
         "tasks": tasks,
         "started": started,
         "ended": ended,
+        "ended_unseen": unseen,
         "failure_rate": round(failed / ended, 4) if ended else 0,
         "duration_seconds": durations,
         "stop_requests": {state: stops.get(state, 0) for state in STOP_STATES},
         "deliveries": verdicts,
     }
+
+
+def _tasks_by_status(
+    session: Session, window: Window, now: datetime, owner: str | None
+) -> dict[str, int]:
+    """Tasks with a run in the window (the runs `owners` reports on), by status, and all.
+
+    Joining every run of a long window to its task costs more than the rest of summary
+    together, so the tasks are counted from the runs alone, and only the few that are
+    not `stopped` (the status most tasks end in) are looked up, each status a range of
+    the index that leads with it. Every run has its task and every task one of the
+    statuses (a foreign key and a check constraint): the stopped ones are the rest.
+    """
+    total_query = _runs_in(select(func.count(TaskRun.task_pk.distinct())), window, now, owner)
+    total = int(session.execute(total_query).scalar_one())
+    has_run = _runs_in(select(TaskRun.id), window, now, owner).where(TaskRun.task_pk == Task.id)
+    others = tuple(status for status in TASK_STATUSES if status != "stopped")
+    counts = _counts_each(session, Task.status, others, [has_run.exists()])
+    counts["stopped"] = total - sum(counts.values())
+    return {**{status: counts[status] for status in TASK_STATUSES}, "total": total}
 
 
 def _delivery_counts(session: Session, window: Window, now: datetime) -> dict[str, int]:
@@ -229,8 +246,9 @@ def _delivery_counts(session: Session, window: Window, now: datetime) -> dict[st
 
 def _ended_runs(
     session: Session, sql: _Dialect, window: Window, owner: str | None
-) -> tuple[int, int, dict[str, float | None]]:
-    """Runs ended in the window: how many, how many failed, and their durations.
+) -> tuple[int, int, int, dict[str, float | None]]:
+    """Runs ended in the window: how many, how many failed, how many ended unseen, and
+    their durations.
 
     Percentiles are nearest-rank: the value at rank ceil(p/100 * n) of the n durations
     in ascending order. PostgreSQL reads each rank off its index on the run length;
@@ -257,10 +275,11 @@ def _ended_runs(
     ended = inner.subquery("ended")
     # The count comes first, from its own aggregate: COUNT(*) OVER () would hold every
     # row in memory until the last one is read.
-    count, failed, timed, total_us = session.execute(
+    count, failed, unseen, timed, total_us = session.execute(
         select(
             func.count(),
             func.coalesce(func.sum(case((ended.c.stop_reason == FAILED, 1), else_=0)), 0),
+            func.count() - func.count(ended.c.stop_reason),
             func.count(ended.c.d),
             sql.total_us(func.sum(ended.c.d)),
         )
@@ -284,23 +303,25 @@ def _ended_runs(
             "p50": round(at_rank[ranks[50]] / _US, 3),
             "p95": round(at_rank[ranks[95]] / _US, 3),
         }
-    return int(count), int(failed), durations
+    return int(count), int(failed), int(unseen), durations
 
 
 def _ended_runs_pg(
     session: Session, sql: _Dialect, conditions: list[ColumnElement[bool]]
-) -> tuple[int, int, dict[str, float | None]]:
+) -> tuple[int, int, int, dict[str, float | None]]:
     span = TaskRun.ended_at - TaskRun.started_at  # NULL without a start
-    count, failed, timed, total_us = session.execute(
+    count, failed, unseen, timed, total_us = session.execute(
         select(
             func.count(),
-            func.count().filter(TaskRun.stop_reason == FAILED),
+            func.count().filter(RUN_FAILED),
+            func.count().filter(RUN_ENDED_UNSEEN),
             func.count(TaskRun.started_at),
             sql.total_us(func.sum(sql.greatest(span, sql.zero))),
         ).where(*conditions)
     ).one()
     if not timed:
-        return int(count), int(failed), {"mean": None, "p50": None, "p95": None}
+        nothing: dict[str, float | None] = {"mean": None, "p50": None, "p95": None}
+        return int(count), int(failed), int(unseen), nothing
     # The run lengths at ranks ceil(p/100 * n), each read by walking the index on the
     # length (ix_task_runs_span) from the nearer end, so p95 passes over 5 % of the
     # runs, not all of them; for a narrow window the planner sorts the window instead.
@@ -325,7 +346,7 @@ def _ended_runs_pg(
         "p50": round(max(int(p50_us), 0) / _US, 3),
         "p95": round(max(int(p95_us), 0) / _US, 3),
     }
-    return int(count), int(failed), durations
+    return int(count), int(failed), int(unseen), durations
 
 
 # --- owners -------------------------------------------------------------------------------
@@ -394,7 +415,7 @@ def _all_owners(
 ) -> _Query:
     """Every owner, each figure from one grouping of all the runs in the window."""
     overlap = _overlap(sql, window, now)
-    failed = and_(TaskRun.stop_reason == FAILED, window.contains(TaskRun.ended_at))
+    failed = and_(RUN_FAILED, window.contains(TaskRun.ended_at))
     # The covering index on (owner, task_pk, …) hands the runs over in owner order, so
     # the grouping needs no sort, and COUNT(DISTINCT task_pk) sorts each owner's few.
     per_owner = (
@@ -492,7 +513,7 @@ def _top_owners(
         )
 
     distinct_tasks = func.count(TaskRun.task_pk.distinct())
-    failed = and_(TaskRun.stop_reason == FAILED, window.contains(TaskRun.ended_at))
+    failed = and_(RUN_FAILED, window.contains(TaskRun.ended_at))
     return select(
         top.c.owner,
         per_top_owner(distinct_tasks),
@@ -587,7 +608,8 @@ def daily(
     owner: str | None = None,
     now: datetime | None = None,
 ) -> list[DayRow]:
-    """Per UTC day of the window: runs started, stopped, failed, and transcoding seconds.
+    """Per UTC day of the window: runs started, stopped, failed, ended unseen, and
+    transcoding seconds; the runs ended on a day are stopped + failed + ended unseen.
 
     The whole days of the window that can no longer change come from run_days (see
     manager/rollups.py), the rest is worked out from the runs by `day_figures`.
@@ -609,8 +631,8 @@ def daily(
     if figures is None:
         figures = day_figures(session, window, owner, now)
     return [
-        DayRow(day.isoformat(), started, stopped, failed, _seconds(busy_us))
-        for day, started, stopped, failed, busy_us in figures
+        DayRow(day.isoformat(), started, stopped, failed, unseen, _seconds(busy_us))
+        for day, started, stopped, failed, unseen, busy_us in figures
     ]
 
 
@@ -632,7 +654,7 @@ def _ceil_day(value: datetime) -> date:
 def day_figures(
     session: Session, window: Window, owner: str | None, now: datetime
 ) -> list[rollups.DayFigures]:
-    """Per UTC day of [since, until): runs started, stopped, failed, busy microseconds.
+    """Per UTC day of [since, until): runs started, stopped, failed, ended unseen, busy us.
 
     The seconds come from a sweep over the day boundaries, not from a join of every run
     with every day it touches: the runs overlapping the window, clipped to it (a running
@@ -640,8 +662,9 @@ def day_figures(
     the time from the starts to the next midnight, to its end day the time from that
     midnight to the ends (a run within one day: its whole length), and one full day per
     run to every day in between, counted +n on the day after the start day and -n on the
-    end day and summed up over the days in order. Runs started, stopped and failed are
-    counted day by day, each a range of the index on started_at or ended_at.
+    end day and summed up over the days in order. Runs started, and runs ended by how
+    they ended, are counted day by day, each a range of the index on started_at or
+    ended_at.
     """
     assert window.since is not None  # noqa: S101
     assert window.until is not None  # noqa: S101
@@ -735,8 +758,9 @@ def day_figures(
         select(
             days.c.k,
             per_day(TaskRun.started_at),
-            per_day(TaskRun.ended_at, TaskRun.stop_reason == STOPPED),
-            per_day(TaskRun.ended_at, TaskRun.stop_reason == FAILED),
+            per_day(TaskRun.ended_at, RUN_STOPPED),
+            per_day(TaskRun.ended_at, RUN_FAILED),
+            per_day(TaskRun.ended_at, RUN_ENDED_UNSEEN),
             func.coalesce(func.sum(events.c.busy), 0) + full_days * day_us,
         )
         .select_from(days)
@@ -750,9 +774,10 @@ def day_figures(
             int(n_started),
             int(n_stopped),
             int(n_failed),
+            int(n_unseen),
             int(busy_us or 0),
         )
-        for day, n_started, n_stopped, n_failed, busy_us in session.execute(query)
+        for day, n_started, n_stopped, n_failed, n_unseen, busy_us in session.execute(query)
     ]
 
 

@@ -16,10 +16,11 @@ unbroken run of hours from the first delivery's, so the latest row tells how far
 run goes. When they cannot be written (a read-only database, a lock held too long),
 the report counts the deliveries themselves instead.
 
-**run_days**: `daily`'s figures per UTC day (runs started, stopped, failed, busy
-microseconds). Every time the webhook writes into a run is a ZEGOCLOUD Timestamp that
-passed the freshness check, so at most CALLBACK_MAX_AGE (7 days at most) before the
-moment it is written; a run still going counts up to `now`, which a final day is
+**run_days**: `daily`'s figures per UTC day (runs started, stopped, failed, ended
+unseen, busy microseconds). Every time the webhook writes into a run is a ZEGOCLOUD
+Timestamp that passed the freshness check, so at most CALLBACK_MAX_AGE (7 days at most)
+before the moment it is written (a run that ended unseen ends at the Timestamp of the
+start that showed it); a run still going counts up to `now`, which a final day is
 wholly before. So once a day has been over for RUN_DAYS_DELAY, no start, stop or
 change of a run can touch it any more, and its figures are final. They are written
 and read like delivery_hours, by `daily` (which supplies how to work them out).
@@ -49,8 +50,8 @@ SEAL_DELAY = timedelta(hours=1)
 DAY = timedelta(days=1)
 RUN_DAYS_DELAY = timedelta(seconds=MAX_CALLBACK_MAX_AGE, hours=1)
 
-# (day, started, stopped, failed, busy microseconds)
-DayFigures: TypeAlias = tuple[date, int, int, int, int]
+# (day, started, stopped, failed, ended unseen, busy microseconds)
+DayFigures: TypeAlias = tuple[date, int, int, int, int, int]
 # Works out the figures of the days [start, end) at `now`, in the session given.
 DayFiguresOf: TypeAlias = Callable[[Session, date, date, datetime], list[DayFigures]]
 
@@ -136,8 +137,15 @@ def fill_run_days(engine: Engine, now: datetime, figures_of: DayFiguresOf) -> da
         with Session(bind=conn) as session:
             figures = figures_of(session, start, until, now)
         return [
-            {"day": day, "started": s, "stopped": st, "failed": f, "busy_us": us}
-            for day, s, st, f, us in figures
+            {
+                "day": day,
+                "started": started,
+                "stopped": stopped,
+                "failed": failed,
+                "ended_unseen": unseen,
+                "busy_us": busy_us,
+            }
+            for day, started, stopped, failed, unseen, busy_us in figures
         ]
 
     return _extend(engine, RunDay.day, DAY, _first_run_day, final_days_until(now), rows)
@@ -187,10 +195,11 @@ def run_days(
         return None
     if written_until is None or end > written_until:
         return None
+    figures = (RunDay.started, RunDay.stopped, RunDay.failed, RunDay.ended_unseen, RunDay.busy_us)
     with engine.connect() as conn:
         first = conn.scalar(select(func.min(RunDay.day)))
         rows = conn.execute(
-            select(RunDay.day, RunDay.started, RunDay.stopped, RunDay.failed, RunDay.busy_us)
+            select(RunDay.day, *figures)
             .where(RunDay.day >= start, RunDay.day < end)
             .order_by(RunDay.day)
         ).all()
@@ -198,10 +207,10 @@ def run_days(
     out: list[DayFigures] = []
     for day in _steps(start, end, DAY):
         if day in stored:
-            started, stopped, failed, busy = stored[day]
-            out.append((day, started, stopped, failed, busy))
+            started, stopped, failed, unseen, busy = stored[day]
+            out.append((day, started, stopped, failed, unseen, busy))
         elif first is None or day < first:
-            out.append((day, 0, 0, 0, 0))
+            out.append((day, 0, 0, 0, 0, 0))
         else:
             return None  # a gap: never written so; work it out instead
     return out

@@ -17,7 +17,7 @@ from sqlalchemy import Boolean, Table, bindparam, func, literal_column, or_, sel
 from sqlalchemy.orm import Session
 
 from .errors import ApiError
-from .lifecycle import ENDED, RANK_STOP_REQUEST
+from .lifecycle import ENDED, apply_accepted_stop
 from .models import Delivery, StopAttempt, StopBatch, StopRequest, Task
 from .sqlutil import insert_ignore
 from .zego.client import BAD_INPUT, ZegoReply
@@ -293,7 +293,7 @@ def record_attempts(
         next_attempt_at = None
         if reply.outcome == "success":
             state = "succeeded"
-            stopping.append({"b_stop_id": job.stop_request_id, "b_seq": job.sequence, "b_now": now})
+            stopping.append((job.stop_request_id, job.sequence))
         elif reply.outcome == "permanent" or count >= policy.max_attempts:
             state = "failed"
         else:
@@ -316,8 +316,25 @@ def record_attempts(
     session.execute(_INSERT_ATTEMPT, attempts)
     session.execute(_UPDATE_REQUEST, requests)
     if stopping:
-        session.execute(_MARK_STOPPING, stopping)
+        _apply_accepted(session, stopping, now)
     return states
+
+
+def _apply_accepted(session: Session, accepted: Sequence[tuple[int, int]], now: datetime) -> None:
+    """Each accepted stop (request id, Sequence) is an event of its task: the rules move
+    the task on (to stopping, unless a newer callback says otherwise). Tasks are locked
+    in id order, as every other path that locks several does."""
+    task_of: dict[int, int] = {
+        stop_id: task_pk
+        for stop_id, task_pk in session.execute(
+            select(StopRequest.id, StopRequest.task_pk).where(
+                StopRequest.id.in_([stop_id for stop_id, _ in accepted])
+            )
+        )
+    }
+    conn = session.connection()
+    for task_pk, sequence in sorted((task_of[stop_id], seq) for stop_id, seq in accepted):
+        apply_accepted_stop(conn, task_pk, sequence, now)
 
 
 def _overtaken(session: Session, jobs: Sequence[Job]) -> set[int]:
@@ -360,29 +377,6 @@ _UPDATE_REQUEST = (
         claimed_by=None,
     )
 )
-# The task waits for its stop callback, unless that callback (or something newer) came.
-_MARK_STOPPING = (
-    _tasks_table.update()
-    .where(
-        _tasks.id
-        == select(_requests.task_pk)
-        .where(_requests.id == bindparam("b_stop_id"))
-        .scalar_subquery(),
-        _tasks.status == "running",
-        or_(
-            _tasks.state_seq < bindparam("b_seq"),
-            (_tasks.state_seq == bindparam("b_seq")) & (_tasks.state_rank < RANK_STOP_REQUEST),
-        ),
-    )
-    .values(
-        status="stopping",
-        state_seq=bindparam("b_seq"),
-        state_rank=RANK_STOP_REQUEST,
-        updated_at=bindparam("b_now"),
-    )
-)
-
-
 def stuck_stopping(session: Session, now: datetime, limit: int = 100) -> list[Task]:
     """Tasks still `stopping` long after ZEGO accepted the stop, with nothing queued.
 

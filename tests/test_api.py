@@ -125,6 +125,7 @@ def test_task_detail_has_state_and_history(client: FlaskClient, auth: dict[str, 
     assert body["task"]["owner"] == "owner"
     assert [d["verdict"] for d in body["deliveries"]] == ["stale", "applied"]
     assert body["stop_requests"] == []
+    assert [(r["run"], r["owner"], r["ended"]) for r in body["runs"]] == [(1, "owner", None)]
 
 
 def test_unknown_task_is_404(client: FlaskClient, auth: dict[str, str]) -> None:

@@ -153,4 +153,17 @@ def test_sign_in_and_stop_a_task_in_the_browser(
     assert shot.stat().st_size > 10_000
     browser.set_window_size(1366, 1300)
     assert browser.save_screenshot(str(tmp_path / "dashboard-full.png"))
-    print(f"screenshots: {shot} and dashboard-full.png beside it")
+
+    # A task's own page, from its link in the list: its state and every run.
+    browser.set_window_size(1366, 768)
+    browser.find_element(By.ID, "running").find_element(By.LINK_TEXT, "stream-9c01").click()
+    runs = wait.until(ec.presence_of_element_located((By.ID, "runs")))
+    assert "stream-9c01" in browser.find_element(By.ID, "task").text
+    rows = runs.find_elements(By.CSS_SELECTOR, "tbody tr")
+    assert len(rows) == 15  # the one going now and the 14 that _add_history numbers after it
+    assert rows[0].text.startswith("113 ")  # newest first, by number
+    assert "ended unseen" in rows[0].text  # _add_history's runs have no stop_reason
+    assert rows[-1].text.startswith("1 host-17 ")
+    assert "running" in rows[-1].text
+    assert browser.save_screenshot(str(tmp_path / "task.png"))
+    print(f"screenshots: {shot}, dashboard-full.png and task.png beside it")

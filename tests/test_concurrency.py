@@ -17,8 +17,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from manager.config import Settings
-from manager.models import Delivery, Task
+from manager.models import Delivery, Task, TaskRun
 
+from .callbacks.lifecycles import MAX_SPAN, random_lifecycle
+from .callbacks.test_history_property import body as history_body
 from .conftest import APP_ID, CALLBACK_SECRET, callback
 from .live import gunicorn
 
@@ -127,3 +129,56 @@ def test_the_same_event_at_the_same_moment_applies_once(
                 verdicts = Counter(pool.map(post, bodies))
             assert verdicts == {"applied": 1, "duplicate": THREADS - 1}
     assert db.execute(select(Task.status).distinct()).scalars().all() == ["running"]
+
+
+def test_random_lifecycles_from_eight_processes_end_as_sorted_arrival(
+    app: Any, client: Any, settings: Settings, db: Session
+) -> None:
+    """Random lifecycles (restarts, lost starts and stops, failures with Sequence 0,
+    updates without one), every delivery once or twice, shuffled and posted by 8
+    threads to 8 gunicorn workers: each task and its runs end as when its deliveries
+    came one by one in sorted order."""
+    rng = random.Random(11)
+    t0 = int(time.time()) - MAX_SPAN // 2
+    lifecycles = [random_lifecycle(rng, requests=False) for _ in range(TASKS)]
+    bodies = []
+    for n, steps in enumerate(lifecycles):
+        for step in sorted(steps, key=lambda s: (s.sequence, s.kind != "start", s.kind)):
+            reference = history_body(step, f"ref-{n}", f"u-{n}", t0)
+            assert client.post("/callbacks/zego", json=reference).status_code == 200
+        for step in steps:
+            body = history_body(step, f"conc-{n}", f"u-{n}", t0)
+            bodies += [body] * rng.choice([1, 2])
+    rng.shuffle(bodies)
+
+    with gunicorn(live_env(settings), workers=THREADS) as base:
+        statuses = post_all(base, bodies)
+    assert Counter(statuses) == {200: len(bodies)}
+
+    db.rollback()
+    for n in range(TASKS):
+        assert task_and_runs(db, f"conc-{n}") == task_and_runs(db, f"ref-{n}"), lifecycles[n]
+
+
+def task_and_runs(db: Session, task_id: str) -> tuple[Any, ...]:
+    task = db.execute(select(Task).where(Task.task_id == task_id)).scalar_one()
+    runs = db.execute(
+        select(TaskRun.run_no, TaskRun.owner, TaskRun.started_at, TaskRun.ended_at)
+        .add_columns(TaskRun.stop_reason)
+        .where(TaskRun.task_pk == task.id)
+        .order_by(TaskRun.run_no)
+    ).all()
+    row = (
+        task.status,
+        task.stop_reason,
+        task.owner,
+        task.runs,
+        task.started_at,
+        task.ended_at,
+        task.state_seq,
+        task.state_rank,
+        task.max_seq,
+        task.failure_stops,
+        task.run_start_seen,
+    )
+    return row, [tuple(r) for r in runs]

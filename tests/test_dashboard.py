@@ -170,7 +170,13 @@ def test_page_shows_running_stopping_stuck_and_deliveries(
     start(client, "slow-1", "erin", 1)
     assert send(client, callback("transcode_stop", task_id="done-1", user_id="dave", sequence=2))
     assert send(client, callback(task_id="run-1", user_id="alice", sequence=3)) == 200  # dup
-    assert send(client, callback(task_id="run-1", user_id="alice", sequence=1)) == 200  # stale
+    assert (
+        send(
+            client,
+            callback(task_id="run-1", user_id="alice", sequence=2, status="TranscodeUpdated"),
+        )
+        == 200
+    )  # stale
     assert send(client, callback(task_id="x", secret="wrong-secret-000000")) == 401
     db.execute(
         update(Task)

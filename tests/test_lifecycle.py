@@ -86,20 +86,37 @@ def test_each_delivery_keeps_the_callbacks_own_status(client: FlaskClient, db: S
     ]
 
 
-def test_lower_sequence_is_stale_and_changes_nothing(client: FlaskClient, db: Session) -> None:
+def test_lower_sequence_changes_none_of_the_tasks_state(client: FlaskClient, db: Session) -> None:
+    """An update below the start cannot take the task over: the state is the newest
+    start's. (It belonged to an earlier run, which it proves: see tests/callbacks.)"""
     deliver(client, sequence=5, user_id="owner", timestamp=T0)
     before = task(db)
     snapshot = (before.status, before.owner, before.input, before.started_at, before.state_seq)
     stale_details = {"Input": {"StreamId": "old"}}
-    assert (
-        deliver(
-            client, sequence=4, status="TranscodeUpdated", user_id="intruder", details=stale_details
-        )
-        == "stale"
+    deliver(
+        client,
+        sequence=4,
+        status="TranscodeUpdated",
+        user_id="intruder",
+        details=stale_details,
+        timestamp=T0 - 10,
     )
     after = task(db)
     assert (after.status, after.owner, after.input, after.started_at, after.state_seq) == snapshot
+
+
+def test_a_late_update_inside_the_run_is_stale(client: FlaskClient, db: Session) -> None:
+    deliver(client, sequence=1, user_id="owner", timestamp=T0)
+    deliver(client, sequence=3, status="TranscodeUpdated", user_id="owner", timestamp=T0 + 9)
+    before = task(db)
+    assert deliver(client, sequence=2, status="TranscodeUpdated", timestamp=T0 + 5) == "stale"
+    db.rollback()
     assert db.execute(select(Delivery.verdict).order_by(Delivery.id.desc())).first() == ("stale",)
+    assert (task(db).status, task(db).state_seq, task(db).runs) == (
+        before.status,
+        before.state_seq,
+        before.runs,
+    )
 
 
 def test_late_start_after_stop_does_not_reopen(client: FlaskClient, db: Session) -> None:
@@ -143,20 +160,28 @@ def test_automatic_stop_with_low_sequence_ends_run_by_timestamp(
     assert (t.status, t.ended_at) == ("failed", at(T0 + 50))
 
 
-def test_automatic_stop_older_than_the_run_is_stale(client: FlaskClient, db: Session) -> None:
+def test_automatic_stop_older_than_the_run_proves_an_earlier_run(
+    client: FlaskClient, db: Session
+) -> None:
     deliver(client, sequence=5, timestamp=T0 + 100)
     assert (
-        deliver(client, "transcode_stop", sequence=0, stop_reason=1, timestamp=T0 + 50) == "stale"
+        deliver(client, "transcode_stop", sequence=0, stop_reason=1, timestamp=T0 + 50)
+        == "applied"
     )
     assert task(db).status == "running"
+    assert runs(db) == [
+        (1, "user-1", None, at(T0 + 50), 1),
+        (2, "user-1", at(T0 + 100), None, None),
+    ]
 
 
-def test_user_stop_with_low_sequence_is_stale(client: FlaskClient, db: Session) -> None:
+def test_user_stop_with_low_sequence_leaves_the_task_running(
+    client: FlaskClient, db: Session
+) -> None:
     deliver(client, sequence=5, timestamp=T0)
-    assert (
-        deliver(client, "transcode_stop", sequence=4, stop_reason=0, timestamp=T0 + 50) == "stale"
-    )
+    deliver(client, "transcode_stop", sequence=4, stop_reason=0, timestamp=T0 - 50)
     assert task(db).status == "running"
+    assert runs(db) == [(1, "user-1", None, at(T0 - 50), 0), (2, "user-1", at(T0), None, None)]
 
 
 def test_stop_at_least_run_start_sequence_ends_run(client: FlaskClient, db: Session) -> None:
@@ -200,7 +225,7 @@ def test_stop_before_start_then_late_start_fills_in_the_run(
     assert deliver(client, "transcode_stop", sequence=3, timestamp=T0 + 30) == "applied"
     t = task(db)
     assert (t.status, t.owner, t.started_at) == ("stopped", None, None)
-    assert deliver(client, sequence=1, user_id="late", timestamp=T0) == "stale"
+    assert deliver(client, sequence=1, user_id="late", timestamp=T0) == "applied"
     t = task(db)
     assert (t.status, t.owner, t.started_at, t.ended_at) == ("stopped", "late", at(T0), at(T0 + 30))
 

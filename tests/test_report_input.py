@@ -40,7 +40,6 @@ def add_task(
         state_seq=1,
         state_rank=2,
         max_seq=1,
-        run_floor_seq=-1,
         runs=len(runs),
         first_seen_at=quiet_since,
         updated_at=quiet_since,

@@ -81,7 +81,7 @@ def history(app: Any, db: Session) -> Session:
     for task_id, (owner, status, first_seen, last, updated, runs) in HISTORY.items():
         task = Task(
             app_id=1, task_id=task_id, owner=owner, status=status, state_seq=1, state_rank=1,
-            max_seq=1, run_floor_seq=0, runs=len(runs), first_seen_at=first_seen,
+            max_seq=1, runs=len(runs), first_seen_at=first_seen,
             updated_at=updated, last_delivery_at=last,
         )  # fmt: skip
         db.add(task)
@@ -129,11 +129,13 @@ def history(app: Any, db: Session) -> Session:
 # --- summary ------------------------------------------------------------------------------
 
 SUMMARY_IN_WINDOW = {
-    # Active in the window: all but C1 (silent before it), D1 and F1 (first seen after).
-    "tasks": {"running": 2, "stopping": 2, "stopped": 3, "failed": 3, "total": 10},
+    # With a run in the window, as owners counts them: all but C1 (its run is before the
+    # window), D1 (its run after it), E1 and F1 (no run).
+    "tasks": {"running": 2, "stopping": 1, "stopped": 3, "failed": 3, "total": 9},
     # Started: A1#2, A2, A3, B1#2, B2, B4, N1. Ended: A1#1, A1#2, A2, B3, C2, N1.
     "started": 7,
     "ended": 6,
+    "ended_unseen": 0,
     "failure_rate": 0.5,  # A2, B3, C2
     # Durations of ended runs with a start: 1800, 3600, 3600, 10800, 28800.
     "duration_seconds": {"mean": 9720.0, "p50": 3600.0, "p95": 28800.0},
@@ -151,6 +153,7 @@ def test_summary_for_one_owner(history: Session) -> None:
         "tasks": {"running": 1, "stopping": 0, "stopped": 1, "failed": 1, "total": 3},
         "started": 3,
         "ended": 3,
+        "ended_unseen": 0,
         "failure_rate": 0.3333,
         # 1800, 10800, 28800: nearest rank 2 of 3 and 3 of 3.
         "duration_seconds": {"mean": 13800.0, "p50": 10800.0, "p95": 28800.0},
@@ -161,9 +164,11 @@ def test_summary_for_one_owner(history: Session) -> None:
 
 def test_summary_without_window(history: Session) -> None:
     assert reporting.summary(history) == {
-        "tasks": {"running": 3, "stopping": 3, "stopped": 4, "failed": 3, "total": 13},
+        # Every task with a run: all but E1 and F1.
+        "tasks": {"running": 3, "stopping": 1, "stopped": 4, "failed": 3, "total": 11},
         "started": 12,
         "ended": 9,
+        "ended_unseen": 0,
         "failure_rate": 0.3333,
         # 1800, 3600 x4, 10800, 7200, 28800
         "duration_seconds": {"mean": 7875.0, "p50": 3600.0, "p95": 28800.0},
@@ -219,7 +224,7 @@ def test_owners_running_counts_tasks_running_now_and_runs_without_an_owner(
     def add(task_id: str, owner: str | None, runs: list[tuple[Any, ...]]) -> None:
         task = Task(
             app_id=1, task_id=task_id, owner=owner, status="running", state_seq=1,
-            state_rank=1, max_seq=1, run_floor_seq=0, runs=len(runs), first_seen_at=runs[0][0],
+            state_rank=1, max_seq=1, runs=len(runs), first_seen_at=runs[0][0],
             updated_at=runs[-1][0], last_delivery_at=runs[-1][0],
         )  # fmt: skip
         history.add(task)
@@ -258,7 +263,7 @@ def add_owners(db: Session, runs: dict[str | None, list[tuple[datetime, datetime
             task = Task(
                 app_id=1, task_id=f"x{db.info.setdefault('n', 0)}", owner=owner,
                 status="stopped" if end else "running", state_seq=1, state_rank=1, max_seq=1,
-                run_floor_seq=0, runs=1, first_seen_at=start, updated_at=start,
+                runs=1, first_seen_at=start, updated_at=start,
             )  # fmt: skip
             db.info["n"] += 1
             db.add(task)
@@ -345,11 +350,11 @@ def test_owners_page_keys_carry_the_exact_time(tied: Session) -> None:
 
 DAILY_IN_WINDOW = [
     # started A1#2 B2 N1; stopped A1#1 N1; failed B3 C2; A1#1 3600 A1#2 14400 B2 50400 N1 3600
-    DayRow("2025-03-10", 3, 2, 2, 72000),
+    DayRow("2025-03-10", 3, 2, 2, 0, 72000),
     # started A2 B1#2; stopped A1#2; failed A2; A1#2 14400 A2 1800 B1#2 7200 B2 86400
-    DayRow("2025-03-11", 2, 1, 1, 109800),
+    DayRow("2025-03-11", 2, 1, 1, 0, 109800),
     # started A3 B4; A3 79200 B1#2 86400 B2 86400 B4 3600
-    DayRow("2025-03-12", 2, 0, 0, 255600),
+    DayRow("2025-03-12", 2, 0, 0, 0, 255600),
 ]
 
 
@@ -361,16 +366,16 @@ def test_daily_in_window(history: Session) -> None:
 
 def test_daily_clips_partial_days_to_the_window(history: Session) -> None:
     assert reporting.daily(history, Window(h(12), h(36)), now=NOW) == [
-        DayRow("2025-03-10", 2, 1, 0, 14400 + 43200 + 3600),
-        DayRow("2025-03-11", 1, 1, 1, 14400 + 1800 + 43200),
+        DayRow("2025-03-10", 2, 1, 0, 0, 14400 + 43200 + 3600),
+        DayRow("2025-03-11", 1, 1, 1, 0, 14400 + 1800 + 43200),
     ]
 
 
 def test_daily_for_one_owner(history: Session) -> None:
     assert reporting.daily(history, WINDOW, "bob", now=NOW) == [
-        DayRow("2025-03-10", 1, 0, 1, 50400),
-        DayRow("2025-03-11", 1, 0, 0, 7200 + 86400),
-        DayRow("2025-03-12", 1, 0, 0, 86400 + 86400 + 3600),
+        DayRow("2025-03-10", 1, 0, 1, 0, 50400),
+        DayRow("2025-03-11", 1, 0, 0, 0, 7200 + 86400),
+        DayRow("2025-03-12", 1, 0, 0, 0, 86400 + 86400 + 3600),
     ]
 
 
@@ -379,12 +384,12 @@ def test_daily_defaults_to_the_last_30_days(history: Session) -> None:
     assert len(days) == 30
     assert (days[0].day, days[-1].day) == ("2025-02-13", "2025-03-14")
     by_day = {d.day: d for d in days}
-    assert by_day["2025-03-08"] == DayRow("2025-03-08", 2, 2, 0, 7200)  # B1#1, C1
-    assert by_day["2025-03-09"] == DayRow("2025-03-09", 2, 0, 0, 7200 + 3600)  # A1#1, C2
+    assert by_day["2025-03-08"] == DayRow("2025-03-08", 2, 2, 0, 0, 7200)  # B1#1, C1
+    assert by_day["2025-03-09"] == DayRow("2025-03-09", 2, 0, 0, 0, 7200 + 3600)  # A1#1, C2
     assert by_day["2025-03-10"] == DAILY_IN_WINDOW[0]
     # A3, B1#2, B2 all day; B4 to 01:00 (stopped); D1 from 08:00.
-    assert by_day["2025-03-13"] == DayRow("2025-03-13", 1, 1, 0, 3 * 86400 + 3600 + 57600)
-    assert by_day["2025-03-14"] == DayRow("2025-03-14", 0, 0, 0, 4 * 6 * 3600)
+    assert by_day["2025-03-13"] == DayRow("2025-03-13", 1, 1, 0, 0, 3 * 86400 + 3600 + 57600)
+    assert by_day["2025-03-14"] == DayRow("2025-03-14", 0, 0, 0, 0, 4 * 6 * 3600)
     assert sum(d.started for d in days) == 12
 
 
@@ -439,8 +444,9 @@ def test_http_summary_json_and_csv_agree(
     assert get(client, auth, path).json == SUMMARY_IN_WINDOW
     (row,) = csv_rows(get(client, auth, path + "&format=csv"))
     assert row == {
-        "tasks.running": "2", "tasks.stopping": "2", "tasks.stopped": "3", "tasks.failed": "3",
-        "tasks.total": "10", "started": "7", "ended": "6", "failure_rate": "0.5",
+        "tasks.running": "2", "tasks.stopping": "1", "tasks.stopped": "3", "tasks.failed": "3",
+        "tasks.total": "9", "started": "7", "ended": "6", "ended_unseen": "0",
+        "failure_rate": "0.5",
         "duration_seconds.mean": "9720.0", "duration_seconds.p50": "3600.0",
         "duration_seconds.p95": "28800.0", "stop_requests.queued": "1",
         "stop_requests.succeeded": "1", "stop_requests.failed": "1", "deliveries.applied": "3",
@@ -666,10 +672,13 @@ def test_cli_tables(runner: FlaskCliRunner, history: Session) -> None:
 
     summary = runner.invoke(args=["report", "summary", "--since", SINCE, "--until", UNTIL])
     assert summary.exit_code == 0, summary.output
-    assert ["tasks.total", "10"] in [line.split() for line in summary.output.splitlines()]
+    assert ["tasks.total", "9"] in [line.split() for line in summary.output.splitlines()]
 
     daily = runner.invoke(args=["report", "daily", "--since", SINCE, "--until", UNTIL])
-    assert daily.output.splitlines()[2].split() == ["2025-03-10", "3", "2", "2", "72000"]
+    assert daily.output.splitlines()[0].split() == [
+        "day", "started", "stopped", "failed", "ended_unseen", "transcoding_seconds"
+    ]  # fmt: skip
+    assert daily.output.splitlines()[2].split() == ["2025-03-10", "3", "2", "2", "0", "72000"]
 
     stuck = runner.invoke(args=["report", "stuck", "--owner", "erin"])
     assert [line.split()[0] for line in stuck.output.splitlines()[2:]] == ["E1", "F1"]
@@ -717,7 +726,8 @@ def test_cli_csv_and_json_agree(runner: FlaskCliRunner, history: Session) -> Non
     as_csv = runner.invoke(args=["report", "daily", "--format", "csv", *window])
     days = json.loads(as_json.output)["days"]
     assert days[0] == {
-        "day": "2025-03-10", "started": 3, "stopped": 2, "failed": 2, "transcoding_seconds": 72000
+        "day": "2025-03-10", "started": 3, "stopped": 2, "failed": 2, "ended_unseen": 0,
+        "transcoding_seconds": 72000,
     }  # fmt: skip
     assert list(csv.DictReader(io.StringIO(as_csv.output))) == [
         {k: str(v) for k, v in d.items()} for d in days

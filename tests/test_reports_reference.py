@@ -1,9 +1,9 @@
 """daily and owners against a plain Python reading of their definitions, on random runs.
 
-The runs include the awkward ones: no start, still going, zero length, an end before
-the start, a start after `now`, and edges exactly on midnight and on the window's
-ends. Times have microseconds, as ZEGOCLOUD's millisecond Timestamps do not, so that
-any rounding in the SQL shows.
+The runs include the awkward ones: no start, still going, ended unseen (no stop
+reason), zero length, an end before the start, a start after `now`, and edges exactly
+on midnight and on the window's ends. Times have microseconds, as ZEGOCLOUD's
+millisecond Timestamps do not, so that any rounding in the SQL shows.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from manager import reporting
-from manager.models import RunDay, Task, TaskRun
+from manager.models import TASK_STATUSES, RunDay, Task, TaskRun
 from manager.reporting import DayRow, OwnerRow, Window
 
 BASE = datetime(2025, 6, 1)
@@ -54,19 +54,21 @@ def random_runs(rng: random.Random, tasks: int) -> tuple[list[Run], dict[int, st
             kind = rng.random()
             started: datetime | None = start
             ended: datetime | None = start + length
-            reason: int | None = rng.choice((0, 1))
+            # None: it ended unseen, at the start of the task's next run.
+            reason: int | None = rng.choice((0, 0, 1, None))
             if kind < 0.05:
                 started = None  # its start never arrived
             elif kind < 0.08:
                 ended = start - timedelta(seconds=30)  # an end before the start
             runs.append(Run(task, owner, started, ended, reason))
-            start = (ended or start) + timedelta(seconds=rng.choice((0, 60, 40000)))
-        if rng.random() < 0.4:  # still going: the last run has no end
-            last = runs[-1]
+            gap = 0 if reason is None else rng.choice((0, 60, 40000))
+            start = (ended or start) + timedelta(seconds=gap)
+        last = runs[-1]
+        if rng.random() < 0.4 or last.stop_reason is None:  # still going: no end
             runs[-1] = Run(task, owner, last.started_at or start, None, None)
             statuses[task] = rng.choice(("running", "stopping"))
         else:
-            statuses[task] = "failed" if runs[-1].stop_reason == 1 else "stopped"
+            statuses[task] = "failed" if last.stop_reason == 1 else "stopped"
     return runs, statuses
 
 
@@ -75,7 +77,7 @@ def store(db: Session, runs: list[Run], statuses: dict[int, str]) -> None:
     for task, status in statuses.items():
         row = Task(
             app_id=1, task_id=f"t{task}", owner=None, status=status, state_seq=1,
-            state_rank=1, max_seq=1, run_floor_seq=0, runs=1, first_seen_at=BASE,
+            state_rank=1, max_seq=1, runs=1, first_seen_at=BASE,
             updated_at=BASE,
         )  # fmt: skip
         db.add(row)
@@ -132,6 +134,7 @@ def expected_daily(runs: list[Run], window: Window, now: datetime) -> list[DayRo
                 sum(inside(r.started_at, day_window) for r in runs),
                 sum(inside(r.ended_at, day_window) and r.stop_reason == 0 for r in runs),
                 sum(inside(r.ended_at, day_window) and r.stop_reason == 1 for r in runs),
+                sum(inside(r.ended_at, day_window) and r.stop_reason is None for r in runs),
                 seconds(sum(busy_us(r, start, end, now) for r in runs)),
             )
         )
@@ -174,6 +177,31 @@ def expected_owners(
         for owner, group in groups.items()
     }
     return sorted(rows, key=lambda r: (-exact[r.owner], r.owner is None, r.owner or ""))
+
+
+def expected_summary(
+    runs: list[Run], statuses: dict[int, str], window: Window, now: datetime
+) -> dict[str, Any]:
+    """summary's task and run counts: tasks with a run in the window as owners has them."""
+    tasks = {r.task for r in runs if in_window(r, window, now)}
+    ended = [r for r in runs if inside(r.ended_at, window)]
+    failed = sum(r.stop_reason == 1 for r in ended)
+    return {
+        "tasks": {
+            **{status: sum(statuses[t] == status for t in tasks) for status in TASK_STATUSES},
+            "total": len(tasks),
+        },
+        "started": sum(inside(r.started_at, window) for r in runs),
+        "ended": len(ended),
+        "ended_unseen": sum(r.stop_reason is None for r in ended),
+        "failure_rate": round(failed / len(ended), 4) if ended else 0,
+    }
+
+
+def summary_counts(db: Session, window: Window, owner: str | None, now: datetime) -> Any:
+    got = reporting.summary(db, window, owner, now=now)
+    db.rollback()
+    return {key: got[key] for key in ("tasks", "started", "ended", "ended_unseen", "failure_rate")}
 
 
 def pages(db: Session, window: Window, now: datetime) -> list[OwnerRow]:
@@ -220,6 +248,14 @@ def test_daily_and_owners_match_the_reference(app: Any, db: Session) -> None:
             db.rollback()
             assert top == want_owners[:n], (window, now, n)
         assert pages(db, window, now) == want_owners, (window, now)
+        # summary counts the tasks owners covers (each task has one owner here).
+        want = expected_summary(runs, statuses, window, now)
+        assert summary_counts(db, window, None, now) == want, (window, now)
+        assert want["tasks"]["total"] == sum(row.tasks for row in want_owners)
+        assert want["tasks"]["running"] == sum(row.running for row in want_owners)
+        assert summary_counts(db, window, owner, now) == expected_summary(
+            mine, statuses, window, now
+        ), (window, now, owner)
     # Long after the runs, every day of them is final: daily takes the whole days of
     # each window from run_days and works out only the partial days at its ends.
     later = BASE + timedelta(days=SPAN_DAYS + 30)

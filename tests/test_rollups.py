@@ -153,7 +153,7 @@ def test_read_only_database_counts_every_row(app: Any, db: Session, database_url
 def add_run(db: Session, start: datetime, end: datetime | None) -> None:
     task = Task(
         app_id=1, task_id=f"t-{start.isoformat()}", owner="o", status="stopped", state_seq=1,
-        state_rank=1, max_seq=1, run_floor_seq=0, runs=1, first_seen_at=start, updated_at=start,
+        state_rank=1, max_seq=1, runs=1, first_seen_at=start, updated_at=start,
     )  # fmt: skip
     db.add(task)
     db.flush()
@@ -182,8 +182,8 @@ def test_run_days_only_for_days_over_for_longer_than_callbacks_can_reach_back(
     # Stored days give the same figures the runs do.
     db.rollback()
     worked_out = reporting.day_figures(db, reporting.daily_window(window, NOW), None, NOW)
-    assert [(row.started, row.stopped, row.failed) for row in rows] == [
-        (started, stopped, failed) for _, started, stopped, failed, _ in worked_out
+    assert [(row.started, row.stopped, row.failed, row.ended_unseen) for row in rows] == [
+        (started, stopped, failed, unseen) for _, started, stopped, failed, unseen, _ in worked_out
     ]
     assert [row.transcoding_seconds for row in rows] == [
         (us + 500_000) // 1_000_000 for *_, us in worked_out

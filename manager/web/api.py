@@ -25,9 +25,11 @@ from ..queries import (
     parse_limit,
     parse_range,
     parse_status,
+    run_json,
     stop_request_json,
     task_deliveries,
     task_json,
+    task_runs,
     task_stop_requests,
 )
 from ..stopping import BulkSelection, create_batch
@@ -85,10 +87,13 @@ def tasks() -> dict[str, Any]:
 @bp.get("/tasks/<task_id:task_id>", merge_slashes=False)
 @require_token
 def task_detail(task_id: str) -> dict[str, Any]:
+    """The task's state, every run of it, its deliveries and its stop requests."""
     session = get_session()
     task = find_task(session, _task_id(task_id), get_settings().zego_app_id)
+    now = utcnow()
     return {
         "task": task_json(task),
+        "runs": [run_json(run, now) for run in task_runs(session, task)],
         "deliveries": [delivery_json(d) for d in task_deliveries(session, task)],
         "stop_requests": task_stop_requests(session, task),
     }

@@ -31,9 +31,8 @@ from ..config import Settings
 from ..db import write_connection
 from ..errors import error_body, http_error_parts
 from ..lifecycle import apply_callback, utcnow
-from ..metrics import CALLBACK_LATENCY, FAST_PATH, LOCKED_PATH, count_delivery
+from ..metrics import CALLBACK_LATENCY, count_delivery, count_fold
 from ..models import Delivery
-from ..pg_fastpath import try_apply
 from ..zego.callbacks import (
     EVENT_START,
     EVENT_STOP,
@@ -141,21 +140,15 @@ class CallbackEndpoint:
                 "received_at": received_at,
                 "remote_addr": remote_addr,
             }
-            outcome = None
-            fast_engine = self.extensions.get("manager.autocommit_engine")
-            if fast_engine is not None:
-                with fast_engine.connect() as conn:
-                    outcome = try_apply(conn, cb, **delivery)
-                (LOCKED_PATH if outcome is None else FAST_PATH).inc()
-            if outcome is None:
-                with write_connection(self.extensions["manager.engine"]) as conn:
-                    outcome = apply_callback(conn, cb, **delivery)
+            with write_connection(self.extensions["manager.engine"]) as conn:
+                outcome = apply_callback(conn, cb, **delivery)
         except CallbackError as exc:
             return self._reject(exc, raw, size, received_at, remote_addr)
         except SQLAlchemyError as exc:
             log.warning("callback not committed: %s", type(exc).__name__)
             return 503, error_body("database_unavailable", "the callback could not be stored")
         count_delivery(outcome.verdict, outcome.reason)
+        count_fold(outcome.refolded)
         return 200, _ANSWERS[outcome.verdict]
 
     def _reject(

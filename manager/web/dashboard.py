@@ -1,4 +1,5 @@
-"""GET / — the operator dashboard: sign in with a token, see tasks, stop them.
+"""GET / — the operator dashboard: sign in with a token, see tasks, stop them;
+GET /tasks/<task_id> — one task, its runs, deliveries and stop requests.
 
 Only the token's name is kept in Flask's signed session cookie, and it is checked
 against the database on every request, so revoking a token signs its sessions out.
@@ -25,20 +26,31 @@ from flask import (
     session,
     url_for,
 )
+from flask.blueprints import BlueprintSetupState
 from flask.typing import ResponseReturnValue
 from markupsafe import Markup
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from .. import get_dispatcher, get_session, get_settings, reporting
+from ..callbacks.rules import Ending
 from ..charts import daily_chart
 from ..db import begin_write
 from ..dispatch import stop_task_now
 from ..errors import ApiError
 from ..lifecycle import utcnow
 from ..models import ApiToken, Delivery, StopRequest, Task
+from ..queries import (
+    count_runs,
+    find_task,
+    run_end,
+    run_seconds,
+    task_deliveries,
+    task_runs,
+)
 from ..stored_text import text_problem
 from ..tokens import authenticate
+from .api import TaskIdConverter
 
 # The stop button waits this long for a rate slot before leaving the stop to the worker.
 FIRST_ATTEMPT_MAX_WAIT = 2.0
@@ -49,6 +61,18 @@ MAX_TASK_ID = 256  # tasks.task_id is a String(256)
 STUCK_SILENT_FOR = 86400
 STUCK_REASONS = {"no_stop_callback": "no stop callback", "no_delivery": "no callback"}
 VERDICT_CLASSES = {"applied": "ok", "duplicate": "muted", "stale": "warn", "rejected": "bad"}
+STOP_ROWS = 20
+# How a run ended, as the task page says it: (words, pill class, tooltip).
+RUN_ENDS: dict[Ending | None, tuple[str, str, str]] = {
+    None: ("running", "running", "still going"),
+    Ending.STOPPED: ("stopped", "", "a stop callback with StopReason 0"),
+    Ending.FAILED: ("failed", "bad", "ZEGOCLOUD stopped it (StopReason 1)"),
+    Ending.UNSEEN: (
+        "ended unseen",
+        "warn",
+        "no stop callback came: a later start showed that it had ended",
+    ),
+}
 
 bp = Blueprint(
     "dashboard",
@@ -57,6 +81,12 @@ bp = Blueprint(
     static_folder="static",
     static_url_path="/dashboard/static",
 )
+
+
+@bp.record_once
+def _register_converter(state: BlueprintSetupState) -> None:
+    # The API's converter, whichever blueprint is registered first.
+    state.app.url_map.converters.setdefault("task_id", TaskIdConverter)
 
 
 # -- session, CSRF and the signed-in operator ------------------------------------------
@@ -71,9 +101,17 @@ def csrf_token() -> str:
     return token
 
 
+def task_url(task_id: str) -> str:
+    """The task page's URL: /tasks/<task_id>, or /tasks?id=<task_id> for an id with a "."
+    or ".." segment, which a browser would resolve away before sending the path."""
+    if any(part in (".", "..") for part in task_id.split("/")):
+        return url_for("dashboard.task_by_query", id=task_id)
+    return url_for("dashboard.task", task_id=task_id)
+
+
 @bp.app_context_processor
 def _template_helpers() -> dict[str, Any]:
-    return {"csrf_token": csrf_token}
+    return {"csrf_token": csrf_token, "task_url": task_url}
 
 
 @bp.app_template_filter("utc")
@@ -86,7 +124,15 @@ def format_age(value: datetime | None, now: datetime) -> str:
     """A short duration from `value` to `now`: 45 s, 12 min, 3 h 5 min, 2 d 4 h."""
     if value is None:
         return "—"
-    seconds = max(int((now - value).total_seconds()), 0)
+    return format_duration(int((now - value).total_seconds()))
+
+
+@bp.app_template_filter("duration")
+def format_duration(seconds: int | None) -> str:
+    """A number of seconds, shortly: 45 s, 12 min, 3 h 5 min, 2 d 4 h; None is a dash."""
+    if seconds is None:
+        return "—"
+    seconds = max(seconds, 0)
     if seconds < 60:
         return f"{seconds} s"
     minutes = seconds // 60
@@ -184,6 +230,54 @@ def index() -> str:
     return page
 
 
+@bp.get("/tasks/<task_id:task_id>", merge_slashes=False)
+def task(task_id: str) -> ResponseReturnValue:
+    """One task: its state, every run (the latest TASK_ROWS), deliveries, stop requests."""
+    if g.operator is None:
+        flash("Please sign in first.", "error")
+        return redirect(url_for(".index"))
+    if not 0 < len(task_id) <= MAX_TASK_ID or text_problem(task_id) is not None:
+        return render_template("task.html", task_id=task_id, task=None), 404
+    db = get_session()
+    try:
+        found = find_task(db, task_id, get_settings().zego_app_id)
+    except ApiError:
+        db.rollback()
+        return render_template("task.html", task_id=task_id, task=None), 404
+    now = utcnow()
+    runs = [
+        (run, RUN_ENDS[run_end(run)], run_seconds(run, now))
+        for run in reversed(task_runs(db, found, limit=TASK_ROWS))
+    ]
+    stops = db.execute(
+        select(StopRequest)
+        .where(StopRequest.task_pk == found.id)
+        .order_by(StopRequest.id.desc())
+        .limit(STOP_ROWS)
+    ).scalars()
+    page = render_template(
+        "task.html",
+        task_id=task_id,
+        task=found,
+        runs=runs,
+        runs_total=count_runs(db, found) if len(runs) == TASK_ROWS else len(runs),
+        deliveries=task_deliveries(db, found, limit=DELIVERY_ROWS),
+        stop_requests=list(stops),
+        verdict_classes=VERDICT_CLASSES,
+    )
+    db.rollback()
+    return page
+
+
+@bp.get("/tasks")
+def task_by_query() -> ResponseReturnValue:
+    """/tasks?id=<task_id>: the task page for an id no path can carry (see task_url)."""
+    task_id = request.args.get("id", "")
+    if not task_id:
+        return redirect(url_for(".index"))
+    return task(task_id)
+
+
 @bp.post("/login")
 def login() -> ResponseReturnValue:
     token = request.form.get("token", "").strip()
@@ -221,6 +315,8 @@ def stop() -> ResponseReturnValue:
         # Not a task id this service can hold; and the flash must fit in the cookie.
         flash("There is no such task.", "error")
         return redirect(url_for(".index"))
+    # The task page's own button returns there; nothing else is taken from the form.
+    back = task_url(task_id) if request.form.get("back") == "task" else url_for(".index")
     try:
         stop_request, created = stop_task_now(
             get_session(),
@@ -235,10 +331,10 @@ def stop() -> ResponseReturnValue:
     except ApiError as exc:
         get_session().rollback()
         flash(f"Could not stop {task_id}: {exc.message}.", "error")
-        return redirect(url_for(".index"))
+        return redirect(back)
     message, category = stop_message(task_id, stop_request, created)
     flash(message, category)
-    return redirect(url_for(".index"))
+    return redirect(back)
 
 
 def stop_message(task_id: str, stop: StopRequest, created: bool) -> tuple[str, str]:

@@ -74,9 +74,10 @@ class Callback:
     def is_stop(self) -> bool:
         return self.event == EVENT_STOP
 
-    def event_key(self) -> str:
-        """Identity of the event for duplicate detection (SPEC 3.2)."""
-        parts = [
+    def event_key(self, *, at_timestamp: bool = False) -> str:
+        """Identity of the event for duplicate detection (SPEC 3.2); with `at_timestamp`,
+        of this event at its Timestamp, for events that the key alone cannot tell apart."""
+        parts: list[Any] = [
             self.app_id,
             self.event,
             self.task_id,
@@ -84,6 +85,8 @@ class Callback:
             self.status,
             self.stop_reason,
         ]
+        if at_timestamp:
+            parts.append(self.timestamp)
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
     def body_digest(self) -> str:
