@@ -37,6 +37,13 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["manager.settings"] = settings
     app.extensions["manager.engine"] = engine
     app.extensions["manager.sessions"] = make_session_factory(engine)
+    if engine.dialect.name == "postgresql":
+        # The callbacks' own pool, whose connections stay in autocommit mode, for their
+        # pipelined transactions (db.write_then_read): switching a pooled connection in
+        # and out of autocommit costs a round trip each way.
+        app.extensions["manager.autocommit_engine"] = make_engine(
+            settings.database_url, isolation_level="AUTOCOMMIT"
+        )
 
     @app.teardown_appcontext
     def _close_session(_exc: BaseException | None) -> None:
@@ -73,7 +80,7 @@ def create_app(settings: Settings | None = None) -> Flask:
 
 def dispose_engines(app: Flask) -> None:
     """Close every pooled connection the app holds."""
-    for name in ("manager.engine",):
+    for name in ("manager.engine", "manager.autocommit_engine"):
         if name in app.extensions:
             app.extensions[name].dispose()
 

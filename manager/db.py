@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar, cast
 
+import psycopg
 from sqlalchemy import Connection, Engine, MetaData, create_engine, event
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 # Named constraints so that migrations can refer to them on every backend.
@@ -24,6 +26,8 @@ class Base(DeclarativeBase):
 
 
 WRITE_OPTION = "manager_write"
+_PIPELINE = "manager.pipeline"  # the DBAPI connection's psycopg Pipeline, while one runs
+T = TypeVar("T")
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
@@ -37,7 +41,18 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     # answers 503, and the sender (ZEGO retries callbacks) tries again on a new one.
     kwargs.setdefault("pool_size", 5)
     kwargs.setdefault("max_overflow", 10)
-    return create_engine(url, **kwargs)
+    engine = create_engine(url, **kwargs)
+    event.listen(engine, "after_cursor_execute", _sync_pipeline)
+    return engine
+
+
+def _sync_pipeline(conn: Connection, *_args: Any) -> None:
+    """In pipeline mode (write_then_read) a statement is only queued, and SQLAlchemy
+    would take it for one without rows: its statements are synced, each its own round
+    trip. The hot path's own statements bypass SQLAlchemy and are read in batches."""
+    pipeline = conn.info.get(_PIPELINE)
+    if pipeline is not None:
+        pipeline.sync()
 
 
 def _configure_sqlite(engine: Engine) -> None:
@@ -96,3 +111,55 @@ def write_connection(engine: Engine) -> Iterator[Connection]:
         conn.execution_options(**{WRITE_OPTION: True})
         with conn.begin():
             yield conn
+
+
+def write_then_read(engine: Engine, work: Callable[[Connection], Callable[[], T]]) -> T:
+    """Run `work` in a write transaction, commit, then return what its reader reads.
+
+    `work` sends its statements and returns a reader of their results, called after
+    the commit. On PostgreSQL `engine` must be in autocommit mode (create_app's
+    `manager.autocommit_engine`): the transaction is our own BEGIN and COMMIT, sent in
+    psycopg's pipeline mode, so BEGIN travels with the first statement (read at once)
+    and COMMIT with the rest (read after it): two round trips instead of four. (On a
+    connection that is not in autocommit, psycopg syncs after its own BEGIN.) An
+    error in any statement undoes the whole transaction.
+    """
+    with engine.connect() as conn:
+        conn.execution_options(**{WRITE_OPTION: True})
+        if conn.dialect.name != "postgresql":
+            with conn.begin():
+                read = work(conn)
+            return read()
+        raw: Any = conn.connection.dbapi_connection
+        if not raw.autocommit:
+            raise RuntimeError("write_then_read needs an autocommit engine on PostgreSQL")
+        try:
+            with raw.pipeline() as pipeline:
+                conn.info[_PIPELINE] = pipeline
+                raw.execute("BEGIN")
+                read = work(conn)
+                raw.execute("COMMIT")
+            # Leaving the pipeline synced it: every result is in, the commit included.
+        except psycopg.Error as exc:
+            # What the pipeline raises at a sync, SQLAlchemy has not seen: wrap it as its
+            # own statements' errors are, and drop the connection if it died.
+            dead = conn.dialect.is_disconnect(cast(Any, exc), raw, None)
+            if dead:
+                conn.invalidate(exc)
+                conn.engine.dispose(close=False)
+            else:
+                _roll_back(raw)
+            raise DBAPIError.instance(
+                "pipelined transaction", None, exc, psycopg.Error, connection_invalidated=dead
+            ) from exc
+        except BaseException:
+            _roll_back(raw)
+            raise
+        finally:
+            conn.info.pop(_PIPELINE, None)  # gone already if the connection died
+        return read()
+
+
+def _roll_back(raw: Any) -> None:
+    if not raw.closed and raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        raw.execute("ROLLBACK")

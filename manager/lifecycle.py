@@ -26,7 +26,7 @@ writes the task and its changed runs back; SQLite takes a few more statements.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
@@ -59,7 +59,7 @@ from .callbacks.rules import (
     fold,
 )
 from .models import CallbackNonce, Delivery, StopAttempt, StopRequest, Task, TaskRun
-from .sqlutil import driver_execute
+from .sqlutil import driver_execute, driver_send
 from .zego.callbacks import STATUS_STARTED, Callback, CallbackError
 
 __all__ = ["ENDED", "Outcome", "TaskState", "apply_callback", "utcnow"]
@@ -325,10 +325,13 @@ def apply_callback(
     body_size: int,
     received_at: datetime,
     remote_addr: str | None,
-) -> Outcome:
+) -> Callable[[], Outcome]:
     """Record one verified delivery and move its task as its events now say. Never commits.
 
-    `conn` is in a write transaction (db.write_connection), which the caller commits.
+    `conn` is in a write transaction that the caller commits (db.write_then_read);
+    the returned reader gives the outcome once it has. On PostgreSQL the last
+    statement's answer (was the event key free?) is read only then, so that it
+    travels with the COMMIT.
     """
     postgres = conn.dialect.name == "postgresql"
     digest = cb.body_digest()
@@ -364,41 +367,54 @@ def apply_callback(
         "verdict": "duplicate",
         "reason": "same_nonce",
     }
-    if nonce_claimed:
-        # The rules first: the verdict goes into the same INSERT that claims the event key.
-        change = advance(conn, task, event_of(cb), stored=False)
-        verdict, reason = ("applied", None) if change.changed else ("stale", "older_than_state")
-        task.max_seq = max(task.max_seq, cb.sequence)
-        task.last_delivery_at = received_at
-        if change.changed:
-            task.updated_at = received_at
-        if not cb.is_stop:
-            _remember_details(task, cb)
-        delivery.update(event_key=cb.event_key(), verdict=verdict, reason=reason)
-        delivery_id = _record_and_write_back(conn, task, change, delivery)
-        if delivery_id is None and cb.stop_reason == FAILED_ON_ITS_OWN:
-            if _another_failure(conn, task.id, cb):
-                delivery["event_key"] = cb.event_key(at_timestamp=True)
-                delivery_id = _record_and_write_back(conn, task, change, delivery)
+    if not nonce_claimed:
+        return _record_duplicate(conn, task, delivery)
+
+    # The rules first: the verdict goes into the same INSERT that claims the event key.
+    event = event_of(cb)
+    change = advance(conn, task, event, stored=False)
+    verdict, reason = ("applied", None) if change.changed else ("stale", "older_than_state")
+    task.max_seq = max(task.max_seq, cb.sequence)
+    task.last_delivery_at = received_at
+    if change.changed:
+        task.updated_at = received_at
+    if not cb.is_stop:
+        _remember_details(task, cb)
+    key = cb.event_key()
+    # Only a refold can meet a failure of the same key (see _another_failure).
+    if change.full and event.is_failure and _another_failure(conn, task.id, cb):
+        key = cb.event_key(at_timestamp=True)
+    delivery.update(event_key=key, verdict=verdict, reason=reason)
+
+    def outcome(delivery_id: int | None, duplicate_id: int | None) -> Outcome:
         if delivery_id is not None:
             return Outcome(verdict, reason, task.id, delivery_id, refolded=change.full)
         # Another delivery holds the event key: this one is a resend, with a new nonce.
-        delivery.update(event_key=None, verdict="duplicate", reason="same_event")
-    conn.execute(_TOUCH_TASK, {"task_pk": task.id, "last_delivery_at": received_at})
+        assert duplicate_id is not None  # noqa: S101 - the statement writes one or the other
+        return Outcome("duplicate", "same_event", task.id, duplicate_id)
+
+    if postgres:
+        cursor = driver_send(conn, _PG_RECORD_AND_WRITE_BACK, _pg_values(task, change, delivery))
+        return lambda: outcome(*cursor.fetchone())
+    delivery_id = conn.execute(_INSERT_DELIVERY_IGNORE, delivery).scalar()
+    if delivery_id is not None:
+        write_back(conn, task, change)
+        return lambda: outcome(delivery_id, None)
+    delivery.update(event_key=None, verdict="duplicate", reason="same_event")
+    return _record_duplicate(conn, task, delivery)
+
+
+def _record_duplicate(
+    conn: Connection, task: TaskState, delivery: dict[str, Any]
+) -> Callable[[], Outcome]:
+    conn.execute(_TOUCH_TASK, {"task_pk": task.id, "last_delivery_at": delivery["received_at"]})
     delivery_id = conn.execute(_INSERT_DELIVERY, delivery).scalar_one()
-    return Outcome("duplicate", delivery["reason"], task.id, delivery_id)
+    result = Outcome("duplicate", delivery["reason"], task.id, delivery_id)
+    return lambda: result
 
 
-def _record_and_write_back(
-    conn: Connection, task: TaskState, change: Change, delivery: dict[str, Any]
-) -> int | None:
-    """Record the delivery under its event key and, only if the key was free, write the
-    task and its changed runs back; the delivery's id, or None if the key was taken."""
-    if conn.dialect.name != "postgresql":
-        delivery_id: int | None = conn.execute(_INSERT_DELIVERY_IGNORE, delivery).scalar()
-        if delivery_id is not None:
-            write_back(conn, task, change)
-        return delivery_id
+def _pg_values(task: TaskState, change: Change, delivery: dict[str, Any]) -> dict[str, Any]:
+    """The parameters of _PG_RECORD_AND_WRITE_BACK."""
     values = {_DELIVERY_PREFIX + name: value for name, value in delivery.items()}
     values.update(task_values(task, change))
     values.update(
@@ -410,23 +426,27 @@ def _record_and_write_back(
         set_owners=change.owner_changed,
         trim_runs=change.full,
     )
-    row = driver_execute(conn, _PG_RECORD_AND_WRITE_BACK, values)
-    return None if row is None else int(row[0])
+    return values
 
 
 def _another_failure(conn: Connection, task_pk: int, cb: Callback) -> bool:
-    """Whether a StopReason 1 stop whose key is taken is another failure, not a resend.
+    """Whether this StopReason 1 stop is another failure of a key already recorded.
 
     ZEGOCLOUD's own stops often carry Sequence 0, so a task that fails in two runs sends
     the same key twice. A resend comes within ZEGOCLOUD's retry span (about 62 s), so
-    a failure further than RESEND_SPAN from every recorded one of that key is new: it
+    a failure further than RESEND_SPAN from every recorded one of its key is new: it
     is recorded under its key at its Timestamp, whichever of the two came first.
     """
-    recorded = conn.execute(
-        _FAILURE_TIMES,
-        {"task_pk": task_pk, "sequence": cb.sequence, "event": cb.event, "status": cb.status},
-    ).scalars()
-    return all(abs(ts - cb.timestamp) > RESEND_SPAN.total_seconds() for ts in recorded)
+    recorded = (
+        conn.execute(
+            _FAILURE_TIMES,
+            {"task_pk": task_pk, "sequence": cb.sequence, "event": cb.event, "status": cb.status},
+        )
+        .scalars()
+        .all()
+    )
+    span = RESEND_SPAN.total_seconds()
+    return bool(recorded) and all(abs(ts - cb.timestamp) > span for ts in recorded)
 
 
 def lock_task(conn: Connection, task_pk: int) -> TaskState | None:
@@ -485,9 +505,14 @@ def _remember_details(task: TaskState, cb: Callback) -> None:
     position = event_of(cb).position
     if cb.input is None and cb.outputs is None:
         return
-    if task.details_seq is None or task.details_rank is None or position > (
-        task.details_seq,
-        task.details_rank,
+    if (
+        task.details_seq is None
+        or task.details_rank is None
+        or position
+        > (
+            task.details_seq,
+            task.details_rank,
+        )
     ):
         task.details_seq, task.details_rank = position
         task.input = cb.input
@@ -600,9 +625,15 @@ _PG_LOCK_AND_CLAIM = f"""
 # Step 2: record the delivery under its event key and, only if the key was free, write
 # the task back and its changed runs (a JSON list of [run_no, started_at, ended_at,
 # stop_reason]); where the owner changed, the other runs take it too, and after a
-# whole fold the runs beyond its count go. The CTEs never touch one row twice: the
-# owner's update skips the runs written here, the trim those above the count. No row:
-# another delivery holds the key.
+# whole fold the runs beyond its count go. If another delivery holds the key, this one
+# is a resend: it is recorded as a duplicate, and the task only notes its arrival.
+# The CTEs never touch one row twice: the owner's update skips the runs written here,
+# the trim those above the count, and the task is written or touched, never both.
+# Returns (the delivery's id, None), or (None, the duplicate's id).
+_DUPLICATE = {"event_key": "NULL", "verdict": "'duplicate'", "reason": "'same_event'"}
+_DUPLICATE_VALUES = ", ".join(
+    _DUPLICATE.get(name, f"%({_DELIVERY_PREFIX}{name})s") for name in _DELIVERY_COLUMNS
+)
 _PG_RECORD_AND_WRITE_BACK = f"""
     WITH d AS (
         INSERT INTO deliveries {_insert_columns(_DELIVERY_COLUMNS, _DELIVERY_PREFIX)}
@@ -631,8 +662,15 @@ _PG_RECORD_AND_WRITE_BACK = f"""
         DELETE FROM task_runs
         WHERE task_pk = %(task_pk)s AND run_no > %(runs)s AND %(trim_runs)s::boolean
             AND EXISTS (SELECT FROM d)
+    ), dup AS (
+        INSERT INTO deliveries ({", ".join(_DELIVERY_COLUMNS)})
+        SELECT {_DUPLICATE_VALUES} WHERE NOT EXISTS (SELECT FROM d)
+        RETURNING id
+    ), touched AS (
+        UPDATE tasks SET last_delivery_at = %(last_delivery_at)s
+        WHERE id = %(task_pk)s AND NOT EXISTS (SELECT FROM d)
     )
-    SELECT id FROM d
+    SELECT (SELECT id FROM d), (SELECT id FROM dup)
 """  # noqa: S608 - column names from the model, values bound
 
 # SQLite (and any other backend): the same steps, one statement each.
@@ -709,9 +747,7 @@ RUN_COLUMNS = (
     _RUNS.c.stop_reason,
 )
 _RUNS_OF = (
-    select(*RUN_COLUMNS)
-    .where(_RUNS.c.task_pk == bindparam("task_pk"))
-    .order_by(_RUNS.c.run_no)
+    select(*RUN_COLUMNS).where(_RUNS.c.task_pk == bindparam("task_pk")).order_by(_RUNS.c.run_no)
 )
 EVENT_COLUMNS = (
     _DELIVERIES.c.task_pk,

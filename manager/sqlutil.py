@@ -101,4 +101,21 @@ def driver_execute(conn: Connection, statement: str, params: Mapping[str, Any]) 
         ) from exc
 
 
+def driver_send(conn: Connection, statement: str, params: Mapping[str, Any]) -> Any:
+    """Like driver_execute, but returns the cursor unread: in pipeline mode the statement
+    is only queued, and its row is read (cursor.fetchone()) after a later sync, such as
+    the commit's (see db.write_then_read)."""
+    dbapi = conn.dialect.loaded_dbapi
+    proxied = conn.connection
+    cursors: dict[str, Any] = proxied.info.setdefault(_CURSORS, {})
+    cursor = cursors.get(statement)
+    try:
+        if cursor is None:
+            cursor = cursors[statement] = proxied.cursor()
+        cursor.execute(statement, params)
+        return cursor
+    except dbapi.Error as exc:
+        raise DBAPIError.instance(statement, params, exc, dbapi.Error) from exc
+
+
 _CURSORS = "manager.driver_cursors"

@@ -377,6 +377,8 @@ _UPDATE_REQUEST = (
         claimed_by=None,
     )
 )
+
+
 def stuck_stopping(session: Session, now: datetime, limit: int = 100) -> list[Task]:
     """Tasks still `stopping` long after ZEGO accepted the stop, with nothing queued.
 

@@ -165,8 +165,7 @@ def test_automatic_stop_older_than_the_run_proves_an_earlier_run(
 ) -> None:
     deliver(client, sequence=5, timestamp=T0 + 100)
     assert (
-        deliver(client, "transcode_stop", sequence=0, stop_reason=1, timestamp=T0 + 50)
-        == "applied"
+        deliver(client, "transcode_stop", sequence=0, stop_reason=1, timestamp=T0 + 50) == "applied"
     )
     assert task(db).status == "running"
     assert runs(db) == [

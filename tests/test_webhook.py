@@ -226,7 +226,7 @@ def test_lost_database_connection_is_503_and_the_retry_succeeds(
     """No pre-ping: a pooled connection that died fails its request with 503 (ZEGO
     retries), and the pool is replaced, so the retry gets a live connection."""
     assert post(client, callback(task_id="conn-1")).status_code == 200
-    engine = app.extensions["manager.engine"]  # the callbacks' pool
+    engine = app.extensions["manager.autocommit_engine"]  # the callbacks' pool
     with engine.connect() as conn:  # the pooled connection the next request will get
         pid = conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
     db.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})

@@ -28,7 +28,7 @@ from werkzeug.wsgi import get_content_length, get_input_stream
 
 from .. import MAX_BODY_BYTES
 from ..config import Settings
-from ..db import write_connection
+from ..db import write_connection, write_then_read
 from ..errors import error_body, http_error_parts
 from ..lifecycle import apply_callback, utcnow
 from ..metrics import CALLBACK_LATENCY, count_delivery, count_fold
@@ -140,8 +140,11 @@ class CallbackEndpoint:
                 "received_at": received_at,
                 "remote_addr": remote_addr,
             }
-            with write_connection(self.extensions["manager.engine"]) as conn:
-                outcome = apply_callback(conn, cb, **delivery)
+            engine = (
+                self.extensions.get("manager.autocommit_engine")
+                or self.extensions["manager.engine"]
+            )
+            outcome = write_then_read(engine, lambda conn: apply_callback(conn, cb, **delivery))
         except CallbackError as exc:
             return self._reject(exc, raw, size, received_at, remote_addr)
         except SQLAlchemyError as exc:
