@@ -83,10 +83,10 @@ def seed_tasks(database_url: str, fake_url: str, count: int) -> None:
         conn.execute(
             text(
                 "INSERT INTO tasks (app_id, task_id, owner, status, state_seq, state_rank, "
-                "max_seq, owner_seq, owner_rank, runs, run_floor_seq, run_start_seq, "
-                "run_start_rank, started_at, first_seen_at, updated_at, last_delivery_at) "
-                "SELECT :app, 'bench-' || g, 'owner-' || g, 'running', 1, 2, 1, 1, 2, 1, -1, "
-                "1, 2, now(), now(), now(), now() FROM generate_series(1, :n) AS g"
+                "max_seq, owner_seq, owner_rank, runs, run_start_seen, started_at, "
+                "first_seen_at, updated_at, last_delivery_at) "
+                "SELECT :app, 'bench-' || g, 'owner-' || g, 'running', 1, 2, 1, 1, 2, 1, true, "
+                "now(), now(), now(), now() FROM generate_series(1, :n) AS g"
             ),
             {"app": APP_ID, "n": count},
         )
