@@ -26,6 +26,7 @@ class Base(DeclarativeBase):
 
 
 WRITE_OPTION = "manager_write"
+_COMMANDS = "manager.command_cursor"
 _PIPELINE = "manager.pipeline"  # the DBAPI connection's psycopg Pipeline, while one runs
 T = TypeVar("T")
 
@@ -136,9 +137,10 @@ def write_then_read(engine: Engine, work: Callable[[Connection], Callable[[], T]
         try:
             with raw.pipeline() as pipeline:
                 conn.info[_PIPELINE] = pipeline
-                raw.execute("BEGIN")
+                cursor = _command_cursor(conn)
+                cursor.execute(b"BEGIN")
                 read = work(conn)
-                raw.execute("COMMIT")
+                cursor.execute(b"COMMIT")
             # Leaving the pipeline synced it: every result is in, the commit included.
         except psycopg.Error as exc:
             # What the pipeline raises at a sync, SQLAlchemy has not seen: wrap it as its
@@ -158,6 +160,14 @@ def write_then_read(engine: Engine, work: Callable[[Connection], Callable[[], T]
         finally:
             conn.info.pop(_PIPELINE, None)  # gone already if the connection died
         return read()
+
+
+def _command_cursor(conn: Connection) -> Any:
+    """One cursor per pooled connection for BEGIN and COMMIT: a new one costs more."""
+    cursor = conn.connection.info.get(_COMMANDS)
+    if cursor is None:
+        cursor = conn.connection.info[_COMMANDS] = conn.connection.cursor()
+    return cursor
 
 
 def _roll_back(raw: Any) -> None:

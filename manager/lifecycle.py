@@ -44,6 +44,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError
 
 from .callbacks.rules import (
     ENDED,
@@ -93,8 +94,6 @@ class TaskState:
     owner: str | None
     details_seq: int | None
     details_rank: int | None
-    input: Any | None
-    outputs: Any | None
     runs: int
     failure_stops: int
     run_start_seen: bool
@@ -102,6 +101,9 @@ class TaskState:
     ended_at: datetime | None
     updated_at: datetime
     last_delivery_at: datetime | None
+
+
+Details = tuple[Any, Any]  # a task's (input, outputs)
 
 
 @dataclass(frozen=True)
@@ -273,8 +275,6 @@ def task_values(task: TaskState, change: Change) -> dict[str, Any]:
         "owner": h.owner,
         "details_seq": task.details_seq,
         "details_rank": task.details_rank,
-        "input": task.input,
-        "outputs": task.outputs,
         "runs": h.run_count,
         "failure_stops": h.failure_stops,
         "run_start_seen": last is not None and last.start_seen,
@@ -378,8 +378,7 @@ def apply_callback(
     task.last_delivery_at = received_at
     if change.changed:
         task.updated_at = received_at
-    if not cb.is_stop:
-        _remember_details(task, cb)
+    details = None if cb.is_stop else _newer_details(task, cb)
     key = cb.event_key()
     # Only a refold can meet a failure of the same key (see _another_failure).
     if change.full and event.is_failure and _another_failure(conn, task.id, cb):
@@ -394,14 +393,89 @@ def apply_callback(
         return Outcome("duplicate", "same_event", task.id, duplicate_id)
 
     if postgres:
-        cursor = driver_send(conn, _PG_RECORD_AND_WRITE_BACK, _pg_values(task, change, delivery))
+        values = _pg_values(task, change, delivery, details)
+        variant = (bool(change.runs), change.owner_changed, change.full)
+        cursor = driver_send(conn, _PG_RECORD_AND_WRITE_BACK[variant], values)
         return lambda: outcome(*cursor.fetchone())
     delivery_id = conn.execute(_INSERT_DELIVERY_IGNORE, delivery).scalar()
     if delivery_id is not None:
         write_back(conn, task, change)
+        if details is not None:
+            conn.execute(
+                _WRITE_DETAILS, {"task_pk": task.id, "input": details[0], "outputs": details[1]}
+            )
         return lambda: outcome(delivery_id, None)
     delivery.update(event_key=None, verdict="duplicate", reason="same_event")
     return _record_duplicate(conn, task, delivery)
+
+
+def create_task(
+    conn: Connection,
+    cb: Callback,
+    *,
+    raw_body: bytes,
+    body_size: int,
+    received_at: datetime,
+    remote_addr: str | None,
+) -> Outcome | None:
+    """PostgreSQL, in autocommit: the TranscodeStarted of a task not seen yet, in one
+    statement and one round trip, the task written once, as the fold of this one event
+    makes it. None, having written nothing, when the task exists, the nonce was seen or
+    the event key is taken (the statement then fails on that unique key and undoes
+    itself): apply_callback, in a transaction, takes those. It takes the locks in
+    apply_callback's order: task, nonce, event key.
+    """
+    if cb.is_stop or cb.status != STATUS_STARTED:
+        raise ValueError("only a TranscodeStarted can create a task here")
+    task = TaskState(
+        id=0,
+        status=TaskStatus.RUNNING,
+        stop_reason=None,
+        state_seq=NO_POSITION[0],
+        state_rank=NO_POSITION[1],
+        max_seq=cb.sequence,
+        owner_seq=None,
+        owner_rank=None,
+        owner=None,
+        details_seq=None,
+        details_rank=None,
+        runs=0,
+        failure_stops=0,
+        run_start_seen=False,
+        started_at=None,
+        ended_at=None,
+        updated_at=received_at,
+        last_delivery_at=received_at,
+    )
+    change = advance(conn, task, event_of(cb), stored=False)  # extends: reads nothing
+    details = _newer_details(task, cb)
+    values = {
+        **{_DELIVERY_PREFIX + name: value for name, value in cb.audit_fields().items()},
+        **task_values(task, change),
+        "delivery_received_at": received_at,
+        "delivery_remote_addr": remote_addr,
+        "delivery_body_size": body_size,
+        "delivery_raw_body": raw_body,
+        "delivery_event_key": cb.event_key(),
+        "delivery_verdict": "applied",
+        "delivery_reason": None,
+        "app_id": cb.app_id,
+        "task_id": cb.task_id,
+        "first_seen_at": received_at,
+        "input": None if details is None else pg_json(details[0]),
+        "outputs": None if details is None else pg_json(details[1]),
+        "zego_timestamp": cb.timestamp,
+        "nonce": cb.nonce,
+        "body_sha256": cb.body_digest(),
+        "seen_at": received_at,
+    }
+    try:
+        task_pk, delivery_id = driver_execute(conn, _PG_CREATE_TASK, values)
+    except DBAPIError as exc:
+        if getattr(exc.orig, "sqlstate", None) == UNIQUE_VIOLATION:
+            return None
+        raise
+    return Outcome("applied", None, task_pk, delivery_id, refolded=False)
 
 
 def _record_duplicate(
@@ -413,18 +487,19 @@ def _record_duplicate(
     return lambda: result
 
 
-def _pg_values(task: TaskState, change: Change, delivery: dict[str, Any]) -> dict[str, Any]:
+def _pg_values(
+    task: TaskState, change: Change, delivery: dict[str, Any], details: Details | None
+) -> dict[str, Any]:
     """The parameters of _PG_RECORD_AND_WRITE_BACK."""
     values = {_DELIVERY_PREFIX + name: value for name, value in delivery.items()}
     values.update(task_values(task, change))
     values.update(
-        input=pg_json(task.input),
-        outputs=pg_json(task.outputs),
+        new_details=details is not None,
+        input=None if details is None else pg_json(details[0]),
+        outputs=None if details is None else pg_json(details[1]),
         runs_json=json.dumps(
             [[n, _iso(r.started_at), _iso(r.ended_at), r.stop_reason] for n, r in change.runs]
         ),
-        set_owners=change.owner_changed,
-        trim_runs=change.full,
     )
     return values
 
@@ -498,13 +573,15 @@ def _check_retransmission(conn: Connection, cb: Callback, digest: str) -> None:
         )
 
 
-def _remember_details(task: TaskState, cb: Callback) -> None:
-    """Input and outputs come from the newest start/update that carries them, whatever
-    its verdict: a max-register keyed by (Sequence, rank), so arrival order cannot
-    matter. (They are not in the fold: deliveries keep them only in the raw body.)"""
-    position = event_of(cb).position
+def _newer_details(task: TaskState, cb: Callback) -> Details | None:
+    """The callback's input and outputs, if they are the task's now: they come from the
+    newest start/update that carries them, whatever its verdict (a max-register keyed
+    by (Sequence, rank), so arrival order cannot matter). They are not in the fold:
+    deliveries keep them only in the raw body. Only a change is written, so the hot
+    path never reads them back."""
     if cb.input is None and cb.outputs is None:
-        return
+        return None
+    position = event_of(cb).position
     if (
         task.details_seq is None
         or task.details_rank is None
@@ -515,8 +592,8 @@ def _remember_details(task: TaskState, cb: Callback) -> None:
         )
     ):
         task.details_seq, task.details_rank = position
-        task.input = cb.input
-        task.outputs = cb.outputs
+        return (cb.input, cb.outputs)
+    return None
 
 
 def pg_json(value: Any) -> Json | None:
@@ -634,15 +711,26 @@ _DUPLICATE = {"event_key": "NULL", "verdict": "'duplicate'", "reason": "'same_ev
 _DUPLICATE_VALUES = ", ".join(
     _DUPLICATE.get(name, f"%({_DELIVERY_PREFIX}{name})s") for name in _DELIVERY_COLUMNS
 )
-_PG_RECORD_AND_WRITE_BACK = f"""
-    WITH d AS (
+
+
+def _pg_record_and_write_back(runs: bool, owners: bool, trim: bool) -> str:
+    """The statement, with only the parts a change needs: PostgreSQL runs every part of
+    a statement, even those whose condition is false."""
+    parts = [
+        f"""d AS (
         INSERT INTO deliveries {_insert_columns(_DELIVERY_COLUMNS, _DELIVERY_PREFIX)}
         ON CONFLICT (event_key) DO NOTHING
         RETURNING id
-    ), written AS (
-        UPDATE tasks SET {_set_clause(_WRITTEN)}
+    )""",
+        f"""written AS (
+        UPDATE tasks SET {_set_clause(_WRITTEN)},
+            input = CASE WHEN %(new_details)s THEN %(input)s::json ELSE input END,
+            outputs = CASE WHEN %(new_details)s THEN %(outputs)s::json ELSE outputs END
         WHERE id = %(task_pk)s AND EXISTS (SELECT FROM d)
-    ), changed AS (
+    )""",  # noqa: S608 - column names from the model, values bound
+    ]
+    if runs:
+        parts.append("""changed AS (
         SELECT (r->>0)::integer AS run_no, (r->>1)::timestamp AS started_at,
             (r->>2)::timestamp AS ended_at, (r->>3)::smallint AS stop_reason
         FROM json_array_elements(%(runs_json)s::json) AS r
@@ -654,23 +742,67 @@ _PG_RECORD_AND_WRITE_BACK = f"""
         ON CONFLICT (task_pk, run_no) DO UPDATE SET owner = EXCLUDED.owner,
             started_at = EXCLUDED.started_at, ended_at = EXCLUDED.ended_at,
             stop_reason = EXCLUDED.stop_reason
-    ), owners AS (
+    )""")
+    if owners:
+        written_runs = "AND run_no NOT IN (SELECT run_no FROM changed)" if runs else ""
+        parts.append(f"""owners AS (
         UPDATE task_runs SET owner = %(owner)s::varchar
-        WHERE task_pk = %(task_pk)s AND %(set_owners)s::boolean AND EXISTS (SELECT FROM d)
-            AND run_no NOT IN (SELECT run_no FROM changed)
-    ), trimmed AS (
+        WHERE task_pk = %(task_pk)s AND EXISTS (SELECT FROM d) {written_runs}
+    )""")  # noqa: S608 - fixed text, values bound
+    if trim:
+        parts.append("""trimmed AS (
         DELETE FROM task_runs
-        WHERE task_pk = %(task_pk)s AND run_no > %(runs)s AND %(trim_runs)s::boolean
-            AND EXISTS (SELECT FROM d)
-    ), dup AS (
+        WHERE task_pk = %(task_pk)s AND run_no > %(runs)s AND EXISTS (SELECT FROM d)
+    )""")
+    parts.append(f"""dup AS (
         INSERT INTO deliveries ({", ".join(_DELIVERY_COLUMNS)})
         SELECT {_DUPLICATE_VALUES} WHERE NOT EXISTS (SELECT FROM d)
         RETURNING id
     ), touched AS (
         UPDATE tasks SET last_delivery_at = %(last_delivery_at)s
         WHERE id = %(task_pk)s AND NOT EXISTS (SELECT FROM d)
+    )""")  # noqa: S608 - column names from the model, values bound
+    return f"WITH {', '.join(parts)} SELECT (SELECT id FROM d), (SELECT id FROM dup)"  # noqa: S608
+
+
+# One constant string per variant, so that each keeps its cursor and prepared statement.
+_PG_RECORD_AND_WRITE_BACK = {
+    (runs, owners, trim): _pg_record_and_write_back(runs, owners, trim)
+    for runs in (False, True)
+    for owners in (False, True)
+    for trim in (False, True)
+}
+
+# A new task's first TranscodeStarted, in one statement (create_task). Plain INSERTs:
+# a task, nonce or event key already there fails the statement on its unique key.
+UNIQUE_VIOLATION = "23505"
+_PG_CREATE_TASK = f"""
+    WITH t AS (
+        INSERT INTO tasks (app_id, task_id, first_seen_at, input, outputs, {", ".join(_WRITTEN)})
+        VALUES (%(app_id)s, %(task_id)s, %(first_seen_at)s, %(input)s::json, %(outputs)s::json,
+            {", ".join(f"%({name})s" for name in _WRITTEN)})
+        RETURNING id
+    ), n AS (
+        INSERT INTO callback_nonces (zego_timestamp, nonce, body_sha256, seen_at)
+        SELECT %(zego_timestamp)s::bigint, %(nonce)s::varchar, %(body_sha256)s::varchar,
+            %(seen_at)s::timestamp
+        FROM t
+        RETURNING 1
+    ), d AS (
+        INSERT INTO deliveries ({", ".join(_DELIVERY_COLUMNS)})
+        SELECT {
+    ", ".join(
+        "t.id" if name == "task_pk" else f"%({_DELIVERY_PREFIX}{name})s"
+        for name in _DELIVERY_COLUMNS
     )
-    SELECT (SELECT id FROM d), (SELECT id FROM dup)
+}
+        FROM t, n
+        RETURNING id
+    ), run AS (
+        INSERT INTO task_runs (task_pk, run_no, owner, started_at)
+        SELECT t.id, 1, %(owner)s::varchar, %(started_at)s::timestamp FROM t, d
+    )
+    SELECT t.id, d.id FROM t, d
 """  # noqa: S608 - column names from the model, values bound
 
 # SQLite (and any other backend): the same steps, one statement each.
@@ -708,7 +840,11 @@ _LOCK_TASK = TASK_STATE.where(_TASKS.c.id == bindparam("task_pk")).with_for_upda
 _WRITE_BACK_TASK = (
     update(_TASKS)
     .where(_TASKS.c.id == bindparam("task_pk"))
-    .values({name: bindparam(name) for name in _WRITTEN if name not in ("input", "outputs")})
+    .values({name: bindparam(name) for name in _WRITTEN})
+)
+_WRITE_DETAILS = (
+    update(_TASKS)
+    .where(_TASKS.c.id == bindparam("task_pk"))
     .values(input=_TYPED[0], outputs=_TYPED[1])
 )
 _RUN_COLUMNS = {
