@@ -95,7 +95,7 @@ class TaskState:
     details_seq: int | None
     details_rank: int | None
     runs: int
-    failure_stops: int
+    last_failure_at: datetime | None
     run_start_seen: bool
     started_at: datetime | None
     ended_at: datetime | None
@@ -156,7 +156,7 @@ def history_of(task: TaskState) -> History:
         position=(task.state_seq, task.state_rank),
         owner=task.owner,
         owner_position=owner_position,
-        failure_stops=task.failure_stops,
+        last_failure_at=task.last_failure_at,
         runs=runs,
         first_run=max(task.runs - 1, 0),
     )
@@ -221,7 +221,7 @@ def _task_fields(h: History) -> tuple[Any, ...]:
         h.status,
         h.position,
         h.owner,
-        h.failure_stops,
+        h.last_failure_at,
         h.run_count,
         None if last is None else (last.started_at, last.ended_at, last.stop_reason),
         None if last is None else last.start_seen,
@@ -276,7 +276,7 @@ def task_values(task: TaskState, change: Change) -> dict[str, Any]:
         "details_seq": task.details_seq,
         "details_rank": task.details_rank,
         "runs": h.run_count,
-        "failure_stops": h.failure_stops,
+        "last_failure_at": h.last_failure_at,
         "run_start_seen": last is not None and last.start_seen,
         "started_at": None if last is None else last.started_at,
         "ended_at": None if last is None else last.ended_at,
@@ -440,7 +440,7 @@ def create_task(
         details_seq=None,
         details_rank=None,
         runs=0,
-        failure_stops=0,
+        last_failure_at=None,
         run_start_seen=False,
         started_at=None,
         ended_at=None,
@@ -623,7 +623,6 @@ _NEW_TASK = {
     "state_rank": NO_POSITION[1],
     "max_seq": NO_POSITION[0],
     "runs": 0,
-    "failure_stops": 0,
     "run_start_seen": False,
 }
 # SQL NULL, not JSON null, where a task has no input or outputs.

@@ -82,9 +82,9 @@ class Task(Base):
     outputs: Mapped[Any | None] = mapped_column(JSON)
 
     runs: Mapped[int] = mapped_column(Integer, default=0)
-    # StopReason 1 stops recorded: their runs are placed by Timestamp, which a later
-    # event can change, so the task's next events refold its whole history.
-    failure_stops: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # The latest Timestamp of its StopReason 1 stops, which are placed by Timestamp: a
+    # start no later than it may move one to the run it begins, so it refolds.
+    last_failure_at: Mapped[datetime | None] = mapped_column(DateTime)
     # The current run was begun by a TranscodeStarted (else an update or a stop showed it).
     run_start_seen: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     started_at: Mapped[datetime | None] = mapped_column(DateTime)

@@ -3,8 +3,9 @@
 The same fold as every callback (manager/callbacks/rules.py), over every task's whole
 history, a batch of tasks at a time: one query each for the batch's rows, events,
 accepted stops and runs, the fold in Python, and writes only where something differs.
-The batch's task rows are locked while it is worked on, so callbacks arriving
-meanwhile wait for it (or it for them) and the result is what their events make it.
+The batch's task rows are locked while it is worked on (but for a dry run, which
+reads a snapshot), so callbacks arriving meanwhile wait for it (or it for them) and
+the result is what their events make it.
 """
 
 from __future__ import annotations
@@ -70,7 +71,10 @@ def rebuild(
         query = TASK_STATE.add_columns(Task.task_id).where(Task.id > after_pk)
         if task_id is not None:
             query = query.where(Task.task_id == task_id)
-        rows = conn.execute(query.order_by(Task.id).limit(batch).with_for_update()).all()
+        query = query.order_by(Task.id).limit(batch)
+        if not dry_run:  # a dry run reads a snapshot and holds no callback up
+            query = query.with_for_update()
+        rows = conn.execute(query).all()
         if not rows:
             break
         low, high = rows[0].id, rows[-1].id

@@ -28,8 +28,8 @@ pytestmark = pytest.mark.postgres
 # A new task's row as the callback path creates it, before its first delivery applies.
 INSERT_TASK = text(
     "INSERT INTO tasks (app_id, task_id, status, state_seq, state_rank, max_seq, runs,"
-    " failure_stops, run_start_seen, first_seen_at, updated_at)"
-    " VALUES (:app_id, :task_id, 'running', -1, 0, -1, 0, 0, false,"
+    " run_start_seen, first_seen_at, updated_at)"
+    " VALUES (:app_id, :task_id, 'running', -1, 0, -1, 0, false,"
     " now() AT TIME ZONE 'utc', now() AT TIME ZONE 'utc')"
 )
 

@@ -178,7 +178,7 @@ def task_and_runs(db: Session, task_id: str) -> tuple[Any, ...]:
         task.state_seq,
         task.state_rank,
         task.max_seq,
-        task.failure_stops,
+        task.last_failure_at,
         task.run_start_seen,
     )
     return row, [tuple(r) for r in runs]

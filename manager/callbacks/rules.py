@@ -47,9 +47,12 @@ its events.
 **Extending the fold.** Almost every delivery is newer than everything its task has
 seen. `extend` applies such an event to what the task row keeps (its last run and
 its registers) by the same steps as `fold`, so the webhook need not read the
-task's history. Where that cannot give the fold's answer (an event below the
-task's position, or a task with a StopReason 1 stop whose placement a later event
-could change), it returns None, and the caller folds the whole history.
+task's history. That gives the fold's answer because a newer event touches only
+the last run (and may open one), and a StopReason 1 stop already placed by time stays
+where it is unless a new run begins no later than it. Where it cannot tell (an event
+below the task's position, a start no later than the task's latest failure stop, or
+a failure stop older than the last run's start), it returns None, and the caller
+folds the whole history.
 """
 
 from __future__ import annotations
@@ -157,7 +160,7 @@ class History:
     position: Position
     owner: str | None
     owner_position: Position | None
-    failure_stops: int
+    last_failure_at: datetime | None
     runs: tuple[Run, ...]
     first_run: int = 0
 
@@ -192,7 +195,7 @@ def fold(events: Iterable[Event]) -> History:
         position=max((e.position for e in ordered), default=NO_POSITION),
         owner=None if owner_event is None else owner_event.user_id,
         owner_position=None if owner_event is None else owner_event.position,
-        failure_stops=len(failures),
+        last_failure_at=max((e.at for e in failures), default=None),
     )
 
 
@@ -203,8 +206,14 @@ def extend(history: History, event: Event) -> History | None:
     event so far, or a StopReason 1 stop is (or would be) placed by its Timestamp in
     a way a newer event can change.
     """
-    if event.position <= history.position or history.failure_stops:
+    if event.position <= history.position:
         return None
+    if (
+        event.rank == Rank.STARTED
+        and history.last_failure_at is not None
+        and event.at <= history.last_failure_at
+    ):
+        return None  # the new run may take a failure placed by time from an earlier one
     last = history.last_run
     walk = _Walk(
         runs=[] if last is None else [last],
@@ -222,7 +231,7 @@ def extend(history: History, event: Event) -> History | None:
         position=event.position,
         owner=event.user_id if take_owner else history.owner,
         owner_position=event.position if take_owner else history.owner_position,
-        failure_stops=history.failure_stops + event.is_failure,
+        last_failure_at=_later(history.last_failure_at, event.at if event.is_failure else None),
     )
 
 
@@ -301,7 +310,7 @@ class _Walk:
         position: Position,
         owner: str | None,
         owner_position: Position | None,
-        failure_stops: int,
+        last_failure_at: datetime | None,
     ) -> History:
         last = self.runs[-1] if self.runs else None
         if last is None or last.ending is None:
@@ -315,7 +324,7 @@ class _Walk:
             position=position,
             owner=owner,
             owner_position=owner_position,
-            failure_stops=failure_stops,
+            last_failure_at=last_failure_at,
             runs=tuple(self.runs),
             first_run=self.first_run,
         )
@@ -326,6 +335,10 @@ def _ended(run: Run, at: datetime, ending: Ending) -> Run:
     if run.started_at is not None and at < run.started_at:
         at = run.started_at
     return replace(run, ended_at=at, ending=ending)
+
+
+def _later(a: datetime | None, b: datetime | None) -> datetime | None:
+    return b if a is None else a if b is None else max(a, b)
 
 
 def _begun_by(run: Run, at: datetime) -> bool:

@@ -3,10 +3,10 @@
 The ordering rules now live only in manager/callbacks/rules.py, as a fold of a task's
 events, so PostgreSQL's copy of them, manager_apply_callback(), goes, and so do the
 columns its special cases kept (run_floor_seq, run_start_seq, run_start_rank,
-end_seq). `failure_stops` counts a task's StopReason 1 stops, whose runs are placed
-by Timestamp; `run_start_seen` tells whether the current run's start came. Then every
-task and its runs are recomputed from the stored events, so that histories recorded
-under the old, order-dependent rules are corrected.
+end_seq). `last_failure_at` is the latest Timestamp of a task's StopReason 1 stops,
+which are placed by Timestamp; `run_start_seen` tells whether the current run's start
+came. Then every task and its runs are recomputed from the stored events, so that
+histories recorded under the old, order-dependent rules are corrected.
 
 Revision ID: 0013
 Revises: 0012
@@ -40,9 +40,7 @@ def upgrade() -> None:
     # Plain ALTER TABLE, never batch mode: on SQLite that copies `tasks` and drops the
     # old table, and with foreign keys on, the drop cascades to every delivery, run and
     # stop request of the tasks.
-    op.add_column(
-        "tasks", sa.Column("failure_stops", sa.Integer(), nullable=False, server_default="0")
-    )
+    op.add_column("tasks", sa.Column("last_failure_at", sa.DateTime(), nullable=True))
     op.add_column(
         "tasks",
         sa.Column("run_start_seen", sa.Boolean(), nullable=False, server_default=sa.false()),
@@ -72,7 +70,7 @@ def downgrade() -> None:
     op.add_column("tasks", sa.Column("run_start_seq", sa.BigInteger(), nullable=True))
     op.add_column("tasks", sa.Column("run_start_rank", sa.SmallInteger(), nullable=True))
     op.add_column("tasks", sa.Column("end_seq", sa.BigInteger(), nullable=True))
-    op.drop_column("tasks", "failure_stops")
+    op.drop_column("tasks", "last_failure_at")
     op.drop_column("tasks", "run_start_seen")
     # The old rules' registers cannot be recovered exactly; the old function comes back
     # as migration 0011 made it.

@@ -32,7 +32,7 @@ ROW = (
     "state_rank",
     "owner",
     "runs",
-    "failure_stops",
+    "last_failure_at",
     "run_start_seen",
     "started_at",
     "ended_at",

@@ -200,7 +200,7 @@ def as_row(history: History) -> History:
         position=history.position,
         owner=history.owner,
         owner_position=history.owner_position,
-        failure_stops=history.failure_stops,
+        last_failure_at=history.last_failure_at,
         runs=history.runs[-1:],
         first_run=history.run_count - 1,
     )
