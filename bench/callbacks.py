@@ -5,6 +5,7 @@ Run it from the repository root, with PostgreSQL up and wrk installed:
     .venv/bin/python bench/callbacks.py --threads 1 --connections 8
     .venv/bin/python bench/callbacks.py --threads 1 --connections 8 --held-rate 500
     .venv/bin/python bench/callbacks.py --check    # exit 1 when a target is missed
+    .venv/bin/python bench/callbacks.py --history-tasks 1000000   # ingest over a history
 
 Targets: manager's rate at least 0.8x the baseline's (TARGET_RATIO), and manager's
 p99 latency under 25 ms (TARGET_P99_MS) at that load: the median p99 of the same
@@ -38,6 +39,16 @@ What it does, all on 127.0.0.1:
    to the next; the baseline's figures at the same rate are printed beside
    manager's to show it (--no-held-baseline leaves them out).
 
+With --history-tasks N, a second database gets bench/reports.py's synthetic history of N
+tasks (its `generate`: their runs, 3 deliveries per task that are the runs' events,
+resends and rejected requests, stop requests; about 2 minutes for a million tasks) and
+a second manager (`history`, same workers) serves it; every round then runs baseline,
+manager (the empty database) and history in turn (history before manager every other
+round), and the report adds the ratio of
+history's median rate to manager's (target >= TARGET_HISTORY_RATIO: a large history
+costs ingest little). The two managers' runs alternate, so the machine's drift falls on
+both alike; the paired ratio sets each history run against the manager run next to it.
+
 Both apps share the machine with PostgreSQL and wrk, so the figures move with whatever
 else runs: run each configuration at least twice, and compare medians along with the
 load average the report prints. Needs wrk (`apt-get install wrk`) and PostgreSQL with
@@ -64,12 +75,14 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 from common import bench_database, free_port  # bench/common.py, beside this script
 from sqlalchemy import Engine, create_engine, text
 
 from manager.config import KNOWN_VARIABLES
+from manager.migrate import upgrade
 from manager.zego.signing import new_nonce, signed_callback
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -80,11 +93,14 @@ LUA_SCRIPT = BENCH_DIR / "wrk_bodies.lua"
 APP_ID = 1234567
 TARGET_RATIO = 0.8
 TARGET_P99_MS = 25.0
+TARGET_HISTORY_RATIO = 0.9  # manager's rate over a large history / on an empty database
 # Tasks per block: a block is all their starts, then all their updates, then all their
 # stops, so a task's later events are sent long after its earlier ones.
 BLOCK = 64
 # PostgreSQL application_name of each app's connections, to tell their backends apart.
-APP_NAMES = {"baseline": "bench-baseline", "manager": "bench-manager"}
+APP_NAMES = {"baseline": "bench-baseline", "manager": "bench-manager", "history": "bench-history"}
+# The targets that are manager: on an empty database, and over a history (--history-tasks).
+MANAGERS = {"manager", "history"}
 BASELINE_DDL = (
     "CREATE TABLE IF NOT EXISTS baseline_bodies ("
     " id BIGSERIAL PRIMARY KEY,"
@@ -159,21 +175,46 @@ def backend_cpu(engine: Engine, application_name: str) -> dict[int, float]:
         return {pid: cpu for pid in pids if (cpu := proc_cpu(pid)) is not None}
 
 
+# The counters of how manager applied its callbacks, and their label: folds (extend: from
+# the task's row, refold: from its whole history), or the fast and locked paths of the
+# PostgreSQL function that came before them.
+APPLY_COUNTERS = {"manager_callback_folds_total": "kind", "manager_callback_paths_total": "path"}
+
+
 def callback_paths(metrics_url: str) -> dict[str, int]:
-    """manager_callback_paths_total by path, summed over the workers, from /metrics."""
+    """How manager applied the callbacks (APPLY_COUNTERS), summed over the workers."""
     with urllib.request.urlopen(metrics_url, timeout=10) as response:  # noqa: S310 - 127.0.0.1 only
         text_ = response.read().decode()
     paths: dict[str, int] = {}
     for line in text_.splitlines():
-        if line.startswith("manager_callback_paths_total{"):
+        name, brace, rest = line.partition("{")
+        if brace and name in APPLY_COUNTERS and f'{APPLY_COUNTERS[name]}="' in rest:
             labels, value = line.rsplit(" ", 1)
-            path = labels.split('path="', 1)[1].split('"', 1)[0]
+            path = labels.split(f'{APPLY_COUNTERS[name]}="', 1)[1].split('"', 1)[0]
             paths[path] = paths.get(path, 0) + int(float(value))
     return paths
 
 
 def diff_counts(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
     return {k: n - before.get(k, 0) for k, n in sorted(after.items()) if n - before.get(k, 0)}
+
+
+def fill_history(url: str, tasks: int) -> Engine:
+    """Migrate the database at `url` and write bench/reports.py's history into it."""
+    from reports import describe_deliveries, generate, row_counts  # bench/reports.py
+
+    history = create_engine(url)
+    upgrade(history)
+    started = time.perf_counter()
+    kinds = generate(
+        history, tasks, 3 * tasks, 20_000, datetime.now(UTC).replace(tzinfo=None), APP_ID
+    )
+    print(
+        f"history of {tasks} tasks written in {time.perf_counter() - started:.0f} s: "
+        f"{row_counts(history)}; deliveries: {describe_deliveries(history, kinds)}",
+        flush=True,
+    )
+    return history
 
 
 # --------------------------------------------------------------------------- processes
@@ -483,6 +524,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="PostgreSQL database to connect to for CREATE/DROP DATABASE",
     )
     p.add_argument("--keep-db", action="store_true", help="do not drop the database")
+    p.add_argument(
+        "--history-tasks",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also run manager on a second database holding a history of N tasks "
+        "(bench/reports.py's generator, 3 deliveries per task), every round, and compare",
+    )
     p.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     p.add_argument("--verbose", action="store_true", help="print wrk's own output too")
     args = p.parse_args(argv)
@@ -502,19 +551,28 @@ def main(argv: list[str] | None = None) -> int:
         f"wrk -t{args.threads} -c{args.connections} -d{args.duration}s --latency"
         + (f" at <= {args.rate:g} req/s" if args.rate else "")
         + "; "
-        f"{args.rounds} rounds of baseline then manager; gunicorn -w {args.workers} for both; "
+        f"{args.rounds} rounds of baseline then manager"
+        + (f" then history ({args.history_tasks} tasks)" if args.history_tasks else "")
+        + f"; gunicorn -w {args.workers} for each; "
         f"{os.cpu_count()} CPUs, load average {'/'.join(f'{x:.1f}' for x in os.getloadavg())}"
     )
     with (
         bench_database(args.admin_url, args.keep_db) as db_url,
         tempfile.TemporaryDirectory(prefix="manager-bench-") as tmp_name,
+        contextlib.ExitStack() as stack,
     ):
         tmp = Path(tmp_name)
         engine = create_engine(db_url)
+        engines = {"baseline": engine, "manager": engine}
         procs: list[subprocess.Popen[bytes]] = []
         try:
             with engine.begin() as conn:
                 conn.execute(text(BASELINE_DDL))
+            if args.history_tasks:
+                history_url = stack.enter_context(
+                    bench_database(args.admin_url, args.keep_db, prefix="manager_bench_history")
+                )
+                engines["history"] = fill_history(history_url, args.history_tasks)
 
             env = {k: v for k, v in os.environ.items() if k not in KNOWN_VARIABLES}
             metrics_dir = tmp / "metrics"
@@ -561,6 +619,30 @@ def main(argv: list[str] | None = None) -> int:
                     baseline_log,
                 )
             )
+            servers = {"manager": procs[0], "baseline": procs[1]}
+            if args.history_tasks:
+                history_port = free_port()
+                history_metrics = tmp / "history-metrics"
+                history_metrics.mkdir()
+                history_env = manager_env | {
+                    "DATABASE_URL": f"{history_url}?application_name={APP_NAMES['history']}",
+                    "PROMETHEUS_MULTIPROC_DIR": str(history_metrics),
+                }
+                servers["history"] = start(
+                    [
+                        str(VENV_BIN / "manager"),
+                        "serve",
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(history_port),
+                        "--workers",
+                        str(args.workers),
+                    ],
+                    history_env,
+                    tmp / "history.log",
+                )
+                procs.append(servers["history"])
             manager_base = f"http://127.0.0.1:{manager_port}"
             baseline_base = f"http://127.0.0.1:{baseline_port}"
             wait_ready(f"{manager_base}/readyz", procs[0], manager_log)
@@ -569,12 +651,17 @@ def main(argv: list[str] | None = None) -> int:
                 "baseline": f"{baseline_base}/ingest",
                 "manager": f"{manager_base}/callbacks/zego",
             }
+            if args.history_tasks:
+                history_base = f"http://127.0.0.1:{history_port}"
+                wait_ready(f"{history_base}/readyz", servers["history"], tmp / "history.log")
+                urls["history"] = f"{history_base}/callbacks/zego"
 
             # One request by hand: the signing is right and the verdict is "applied".
-            probe = next(callback_bodies(secret, f"{tag}-probe", 1))
-            status, answer = post(urls["manager"], probe)
-            if status != 200 or answer.get("verdict") != "applied":
-                raise RuntimeError(f"probe callback answered {status} {answer}")
+            for target in MANAGERS & urls.keys():
+                probe = next(callback_bodies(secret, f"{tag}-probe-{target}", 1))
+                status, answer = post(urls[target], probe)
+                if status != 200 or answer.get("verdict") != "applied":
+                    raise RuntimeError(f"{target}: probe callback answered {status} {answer}")
 
             per_thread = max(BLOCK * 3, args.max_rate * args.duration // args.threads)
             run_no = 0
@@ -584,7 +671,7 @@ def main(argv: list[str] | None = None) -> int:
                 run_no += 1
                 prefix = tmp / f"bodies-{run_no}"
                 write_bodies(prefix, args.threads, per_thread, secret, f"{tag}-r{run_no}")
-                proc = procs[0] if target == "manager" else procs[1]
+                proc = servers[target]
                 app_name = APP_NAMES[target]
                 have_proc = Path("/proc/self/stat").exists()
                 app0, db0, wrk0 = 0.0, dict[int, float](), children_cpu()
@@ -612,17 +699,22 @@ def main(argv: list[str] | None = None) -> int:
             def announce(line: str, target: str, before: dict[str, int]) -> None:
                 """A run's line, with the load and, for manager, the verdicts it recorded."""
                 extra = ""
-                if target == "manager":
-                    extra = f"  verdicts={diff_counts(verdict_counts(engine), before)}"
+                if target in MANAGERS:
+                    extra = f"  verdicts={diff_counts(verdict_counts(engines[target]), before)}"
                 load = "/".join(f"{x:.1f}" for x in os.getloadavg())
                 print(f"{line}  load={load}{extra}", flush=True)
 
-            results: dict[str, list[WrkResult]] = {"baseline": [], "manager": []}
-            verdicts_before = verdict_counts(engine)
+            results: dict[str, list[WrkResult]] = {target: [] for target in urls}
+            verdicts_before = {t: verdict_counts(engines[t]) for t in MANAGERS & urls.keys()}
             baseline_rows_before = count_rows(engine, "baseline_bodies")
             for round_no in range(1, args.rounds + 1):
-                for target in ("baseline", "manager"):
-                    before = verdict_counts(engine)
+                # baseline, manager, history; every other round history before manager,
+                # so that neither always follows the other.
+                order = list(urls)
+                if round_no % 2 == 0 and "history" in urls:
+                    order = ["baseline", "history", "manager"]
+                for target in order:
+                    before = verdict_counts(engines[target])
                     r = measure(target, args.duration)
                     time.sleep(0.5)  # let requests cut off by wrk's stop finish
                     results[target].append(r)
@@ -636,7 +728,7 @@ def main(argv: list[str] | None = None) -> int:
                 n = args.held_connections
                 count = round(rate * args.duration)
                 write_bodies(prefix, n, count // n + BLOCK, secret, f"{tag}-h{run_no}")
-                proc = procs[0] if target == "manager" else procs[1]
+                proc = servers[target]
                 app0, db0 = group_cpu(proc.pid), backend_cpu(engine, APP_NAMES[target])
                 wrk0 = children_cpu()
                 h = run_wrk_paced(target, urls[target], prefix, args, rate)
@@ -665,15 +757,27 @@ def main(argv: list[str] | None = None) -> int:
                         held[target].append(h)
                         announce(f"held {round_no} {describe_held(h)}", target, before)
                         time.sleep(0.5)
-            verdicts = diff_counts(verdict_counts(engine), verdicts_before)
+            verdicts = diff_counts(verdict_counts(engine), verdicts_before["manager"])
+            history_verdicts: dict[str, int] = {}
+            history_paths: dict[str, int] = {}
+            if "history" in engines:
+                history_verdicts = diff_counts(
+                    verdict_counts(engines["history"]), verdicts_before["history"]
+                )
             baseline_rows = count_rows(engine, "baseline_bodies") - baseline_rows_before
             paths = callback_paths(f"{manager_base}/metrics")
+            if args.history_tasks:
+                history_paths = callback_paths(f"{history_base}/metrics")
         finally:
             for proc in reversed(procs):
                 stop(proc)
-            engine.dispose()
+            for each in set(engines.values()):
+                each.dispose()
 
-        return report(results, held, verdicts, baseline_rows, paths, args)
+        code = report(results, held, verdicts, baseline_rows, paths, args)
+        if "history" in results:
+            code = max(code, report_history(results, history_verdicts, history_paths, args))
+        return code
 
 
 def report(
@@ -745,8 +849,7 @@ def report(
     )
     print(
         f"how manager applied them (whole run, warm-up included): {paths} "
-        "(fast: one call of manager_apply_callback(); locked: the transaction, after the "
-        "fast path left the delivery to it)"
+        "(extend: from the task's row; refold: from the task's whole history)"
     )
     if repeated:
         print(
@@ -773,6 +876,53 @@ def report(
     if args.check and not (ok_ratio and ok_p99):
         return 1
     return 0
+
+
+def report_history(
+    results: dict[str, list[WrkResult]],
+    verdicts: dict[str, int],
+    applied_by: dict[str, int],
+    args: argparse.Namespace,
+) -> int:
+    """manager over a history against manager on an empty database, the same rounds."""
+    empty, history = results["manager"], results["history"]
+    empty_rate = statistics.median(r.rate for r in empty)
+    history_rate = statistics.median(r.rate for r in history)
+    ratio = history_rate / empty_rate if empty_rate else 0.0
+    # Each history run against the empty-database run next to it, in its round (after
+    # it or before it, in turn).
+    paired = [h.rate / m.rate for h, m in zip(history, empty, strict=True) if m.rate]
+    non_2xx = sum(r.non_2xx + r.socket_errors for r in history)
+    rejected = sum(n for k, n in verdicts.items() if k.startswith("rejected"))
+    print(
+        f"history   median {history_rate:8.1f} req/s   median p99 "
+        f"{statistics.median(r.p99_ms for r in history):6.2f} ms   non-2xx/errors {non_2xx}   "
+        f"cpu/request: app {statistics.median(r.cpu_app_ms for r in history):.2f} ms, "
+        f"PostgreSQL backends {statistics.median(r.cpu_db_ms for r in history):.2f} ms   "
+        f"({args.history_tasks} tasks stored before)"
+    )
+    print(
+        f"history   deliveries recorded in measured runs: {verdicts}; applied by (whole run, "
+        f"warm-up included): {applied_by}"
+    )
+    print(
+        f"ratio     history/empty = {ratio:.3f}"
+        + (
+            f"  (paired: median {statistics.median(paired):.3f}, from {min(paired):.3f} "
+            f"to {max(paired):.3f})"
+            if paired
+            else ""
+        )
+    )
+    ok_ratio = ratio >= TARGET_HISTORY_RATIO
+    ok_clean = non_2xx == 0 and rejected == 0
+    print(
+        f"target history/empty >= {TARGET_HISTORY_RATIO}: {'PASS' if ok_ratio else 'FAIL'}   "
+        f"history: all 200 and none rejected: {'PASS' if ok_clean else 'FAIL'}"
+    )
+    if not ok_clean:
+        return 1
+    return 1 if args.check and not ok_ratio else 0
 
 
 if __name__ == "__main__":
