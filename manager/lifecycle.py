@@ -175,6 +175,11 @@ def advance(conn: Connection, task: TaskState, event: Event, *, stored: bool) ->
         if not stored:
             events.append(event)
         return compare(conn, task, fold(events))
+    return extended(before, after)
+
+
+def extended(before: History, after: History) -> Change:
+    """What `extend` did to a task: the runs it changed or opened, and whether anything."""
     runs = [
         (after.first_run + i + 1, run)
         for i, run in enumerate(after.runs)
@@ -407,6 +412,87 @@ def apply_callback(
         return lambda: outcome(delivery_id, None)
     delivery.update(event_key=None, verdict="duplicate", reason="same_event")
     return _record_duplicate(conn, task, delivery)
+
+
+def apply_optimistically(
+    conn: Connection,
+    cb: Callback,
+    *,
+    raw_body: bytes,
+    body_size: int,
+    received_at: datetime,
+    remote_addr: str | None,
+) -> Outcome | None:
+    """PostgreSQL, in autocommit: the common delivery in two statements and no
+    transaction, or None, having written nothing, for apply_callback to take.
+
+    A new task's first TranscodeStarted is create_task's one statement. Otherwise the
+    task's row is read without a lock, the rules extend it (None if they must refold),
+    and one statement writes it back only if the row is still the version read, claims
+    the nonce and records the delivery (None if the task changed meanwhile, the nonce
+    was seen or the event key is taken: the statement then writes nothing).
+    """
+    if not cb.is_stop and cb.status == STATUS_STARTED:
+        created = create_task(
+            conn,
+            cb,
+            raw_body=raw_body,
+            body_size=body_size,
+            received_at=received_at,
+            remote_addr=remote_addr,
+        )
+        if created is not None:
+            return created
+    row = driver_execute(conn, _PG_READ_TASK, {"app_id": cb.app_id, "task_id": cb.task_id})
+    if row is None:
+        return None
+    *state, version = row
+    task = TaskState(*state)
+    event = event_of(cb)
+    before = history_of(task)
+    after = extend(before, event)
+    if after is None:
+        return None
+    change = extended(before, after)
+    verdict, reason = ("applied", None) if change.changed else ("stale", "older_than_state")
+    task.max_seq = max(task.max_seq, cb.sequence)
+    task.last_delivery_at = received_at
+    if change.changed:
+        task.updated_at = received_at
+    details = None if cb.is_stop else _newer_details(task, cb)
+    values = _pg_values(
+        task,
+        change,
+        {
+            **cb.audit_fields(),
+            "received_at": received_at,
+            "task_pk": task.id,
+            "remote_addr": remote_addr,
+            "body_size": body_size,
+            "raw_body": raw_body,
+            "event_key": cb.event_key(),
+            "verdict": verdict,
+            "reason": reason,
+        },
+        details,
+    )
+    values.update(
+        version=version,
+        zego_timestamp=cb.timestamp,
+        nonce=cb.nonce,
+        body_sha256=cb.body_digest(),
+        seen_at=received_at,
+    )
+    variant = (bool(change.runs), change.owner_changed, change.full)
+    try:
+        written = driver_execute(conn, _PG_GUARDED_WRITE[variant], values)
+    except DBAPIError as exc:
+        if getattr(exc.orig, "sqlstate", None) == UNIQUE_VIOLATION:
+            return None
+        raise
+    if written is None:
+        return None
+    return Outcome(verdict, reason, task.id, written[0], refolded=False)
 
 
 def create_task(
@@ -722,12 +808,52 @@ def _pg_record_and_write_back(runs: bool, owners: bool, trim: bool) -> str:
         RETURNING id
     )""",
         f"""written AS (
-        UPDATE tasks SET {_set_clause(_WRITTEN)},
-            input = CASE WHEN %(new_details)s THEN %(input)s::json ELSE input END,
-            outputs = CASE WHEN %(new_details)s THEN %(outputs)s::json ELSE outputs END
+        UPDATE tasks SET {_TASK_SET}
         WHERE id = %(task_pk)s AND EXISTS (SELECT FROM d)
     )""",  # noqa: S608 - column names from the model, values bound
+        *_run_parts(runs, owners, trim),
+        f"""dup AS (
+        INSERT INTO deliveries ({", ".join(_DELIVERY_COLUMNS)})
+        SELECT {_DUPLICATE_VALUES} WHERE NOT EXISTS (SELECT FROM d)
+        RETURNING id
+    ), touched AS (
+        UPDATE tasks SET last_delivery_at = %(last_delivery_at)s
+        WHERE id = %(task_pk)s AND NOT EXISTS (SELECT FROM d)
+    )""",  # noqa: S608 - column names from the model, values bound
     ]
+    return f"WITH {', '.join(parts)} SELECT (SELECT id FROM d), (SELECT id FROM dup)"  # noqa: S608
+
+
+def _pg_guarded_write(runs: bool, owners: bool, trim: bool) -> str:
+    """apply_optimistically's one statement: write the task back only if it is still the
+    row version the rules read, then claim the nonce and record the delivery, with
+    plain INSERTs that fail the statement (undoing it) on a nonce seen or an event key
+    taken. No row: the task changed meanwhile, and nothing was written."""
+    parts = [
+        f"""u AS (
+        UPDATE tasks SET {_TASK_SET}
+        WHERE id = %(task_pk)s AND xmin = %(version)s::text::xid
+        RETURNING id
+    ), n AS (
+        INSERT INTO callback_nonces (zego_timestamp, nonce, body_sha256, seen_at)
+        SELECT %(zego_timestamp)s::bigint, %(nonce)s::varchar, %(body_sha256)s::varchar,
+            %(seen_at)s::timestamp
+        FROM u
+        RETURNING 1
+    ), d AS (
+        INSERT INTO deliveries ({", ".join(_DELIVERY_COLUMNS)})
+        SELECT {", ".join(f"%({_DELIVERY_PREFIX}{name})s" for name in _DELIVERY_COLUMNS)}
+        FROM n
+        RETURNING id
+    )""",  # noqa: S608 - column names from the model, values bound
+        *_run_parts(runs, owners, trim),
+    ]
+    return f"WITH {', '.join(parts)} SELECT id FROM d"  # noqa: S608
+
+
+def _run_parts(runs: bool, owners: bool, trim: bool) -> list[str]:
+    """The CTEs that write a change's runs, once the delivery `d` is recorded."""
+    parts = []
     if runs:
         parts.append("""changed AS (
         SELECT (r->>0)::integer AS run_no, (r->>1)::timestamp AS started_at,
@@ -753,24 +879,21 @@ def _pg_record_and_write_back(runs: bool, owners: bool, trim: bool) -> str:
         DELETE FROM task_runs
         WHERE task_pk = %(task_pk)s AND run_no > %(runs)s AND EXISTS (SELECT FROM d)
     )""")
-    parts.append(f"""dup AS (
-        INSERT INTO deliveries ({", ".join(_DELIVERY_COLUMNS)})
-        SELECT {_DUPLICATE_VALUES} WHERE NOT EXISTS (SELECT FROM d)
-        RETURNING id
-    ), touched AS (
-        UPDATE tasks SET last_delivery_at = %(last_delivery_at)s
-        WHERE id = %(task_pk)s AND NOT EXISTS (SELECT FROM d)
-    )""")  # noqa: S608 - column names from the model, values bound
-    return f"WITH {', '.join(parts)} SELECT (SELECT id FROM d), (SELECT id FROM dup)"  # noqa: S608
+    return parts
 
+
+_TASK_SET = f"""{_set_clause(_WRITTEN)},
+            input = CASE WHEN %(new_details)s THEN %(input)s::json ELSE input END,
+            outputs = CASE WHEN %(new_details)s THEN %(outputs)s::json ELSE outputs END"""
+_VARIANTS = [(r, o, t) for r in (False, True) for o in (False, True) for t in (False, True)]
+_PG_GUARDED_WRITE = {variant: _pg_guarded_write(*variant) for variant in _VARIANTS}
+_PG_READ_TASK = f"""
+    SELECT {_TASK_COLUMNS}, t.xmin::text FROM tasks AS t
+    WHERE t.app_id = %(app_id)s AND t.task_id = %(task_id)s
+"""  # noqa: S608 - column names from the model, values bound
 
 # One constant string per variant, so that each keeps its cursor and prepared statement.
-_PG_RECORD_AND_WRITE_BACK = {
-    (runs, owners, trim): _pg_record_and_write_back(runs, owners, trim)
-    for runs in (False, True)
-    for owners in (False, True)
-    for trim in (False, True)
-}
+_PG_RECORD_AND_WRITE_BACK = {variant: _pg_record_and_write_back(*variant) for variant in _VARIANTS}
 
 # A new task's first TranscodeStarted, in one statement (create_task). Plain INSERTs:
 # a task, nonce or event key already there fails the statement on its unique key.

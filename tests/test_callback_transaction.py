@@ -1,4 +1,4 @@
-"""A callback's transaction is all or nothing, on PostgreSQL's pipelined path too."""
+"""A callback is recorded whole or not at all, on every path PostgreSQL takes it by."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from manager import lifecycle
 from manager.models import CallbackNonce, Delivery, Task, TaskRun
+from manager.web import callbacks as web_callbacks
 
 from .conftest import callback
 
@@ -41,3 +42,45 @@ def test_a_failing_write_back_keeps_nothing(
     assert retried.json == {"code": 0, "verdict": "applied"}
     db.rollback()
     assert db.execute(select(Task.status)).scalar_one() == "running"
+
+
+@pytest.mark.postgres
+def test_a_task_changed_between_read_and_write_leaves_it_to_the_transaction(
+    app: Any, client: FlaskClient, db: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The optimistic path reads the task unlocked; if another writer changes the row
+    before its one write, that write does nothing at all (no nonce, no delivery), and
+    the locked transaction applies the callback to the row as it now is."""
+    assert client.post(
+        "/callbacks/zego",
+        data=json.dumps(callback(task_id="opt-1", sequence=1)),
+        content_type="application/json",
+    ).json == {"code": 0, "verdict": "applied"}
+    real_extend = lifecycle.extend
+    engine = app.extensions["manager.engine"]
+    calls = []
+
+    def extend_while_another_writes(history: Any, event: Any) -> Any:
+        calls.append(event)
+        if len(calls) == 1:  # between the optimistic read and its write
+            with engine.begin() as other:
+                other.execute(update(Task).where(Task.task_id == "opt-1").values(owner="other"))
+        return real_extend(history, event)
+
+    monkeypatch.setattr(lifecycle, "extend", extend_while_another_writes)
+    optimistic = lifecycle.apply_optimistically
+    outcomes = []
+    monkeypatch.setattr(
+        web_callbacks,
+        "apply_optimistically",
+        lambda *a, **k: outcomes.append(optimistic(*a, **k)) or outcomes[-1],
+    )
+    body = callback(task_id="opt-1", sequence=2, status="TranscodeUpdated", user_id="user-1")
+    answer = client.post("/callbacks/zego", data=json.dumps(body), content_type="application/json")
+    assert answer.json == {"code": 0, "verdict": "applied"}
+    assert outcomes == [None]  # the optimistic write found the row changed
+    assert len(calls) == 2  # and the transaction applied the rules again
+    db.rollback()
+    task = db.execute(select(Task).where(Task.task_id == "opt-1")).scalar_one()
+    assert (task.owner, task.state_seq) == ("user-1", 2)
+    assert db.execute(select(func.count()).select_from(Delivery)).scalar_one() == 2

@@ -30,13 +30,12 @@ from .. import MAX_BODY_BYTES
 from ..config import Settings
 from ..db import write_connection, write_then_read
 from ..errors import error_body, http_error_parts
-from ..lifecycle import apply_callback, create_task, utcnow
+from ..lifecycle import apply_callback, apply_optimistically, utcnow
 from ..metrics import CALLBACK_LATENCY, count_delivery, count_fold
 from ..models import Delivery
 from ..zego.callbacks import (
     EVENT_START,
     EVENT_STOP,
-    STATUS_STARTED,
     CallbackError,
     decode_body,
     parse_callback,
@@ -143,10 +142,9 @@ class CallbackEndpoint:
             }
             outcome = None
             autocommit = self.extensions.get("manager.autocommit_engine")
-            if autocommit is not None and not cb.is_stop and cb.status == STATUS_STARTED:
-                # Most starts are a new task's first callback: one statement, if so.
+            if autocommit is not None:
                 with autocommit.connect() as conn:
-                    outcome = create_task(conn, cb, **delivery)
+                    outcome = apply_optimistically(conn, cb, **delivery)
             if outcome is None:
                 engine = autocommit or self.extensions["manager.engine"]
                 outcome = write_then_read(engine, lambda conn: apply_callback(conn, cb, **delivery))

@@ -1,9 +1,11 @@
 """Random lifecycles for the property tests: 1-3 runs with restarts, lost starts and
 stops, failure stops with a low or missing Sequence, updates and our stop requests.
 
-Runs begin RUN_GAP apart (more than lifecycle.RESEND_SPAN), so that two failure stops
-with the same Sequence are two failures, not a resend; a lifecycle spans at most
-MAX_SPAN seconds, within CALLBACK_MAX_AGE either side of a moment in its middle."""
+Runs begin RUN_GAP apart and last at most RUN_LENGTH, so that two failure stops with
+the same Sequence in two runs are further apart than lifecycle.RESEND_SPAN: two
+failures, not a resend (closer, which one is kept would depend on arrival order). A
+lifecycle spans at most MAX_SPAN seconds, within CALLBACK_MAX_AGE either side of a
+moment in its middle."""
 
 from __future__ import annotations
 
@@ -12,8 +14,12 @@ from dataclasses import dataclass
 
 from hypothesis import strategies as st
 
-RUN_GAP = (125, 135)
-MAX_SPAN = 3 * (4 * 8 + RUN_GAP[1])
+from manager.lifecycle import RESEND_SPAN
+
+RUN_GAP = (175, 180)
+RUN_LENGTH = 4 * 8 + 1
+MAX_SPAN = 2 * RUN_GAP[1] + RUN_LENGTH
+assert RUN_GAP[0] - RUN_LENGTH > RESEND_SPAN.total_seconds()  # noqa: S101
 
 
 @dataclass(frozen=True)
@@ -30,7 +36,8 @@ def random_lifecycle(rng: random.Random, *, requests: bool = True) -> list[Step]
     steps: list[Step] = []
     seq, t = 1, 0
     for run in range(rng.randint(1, 3)):
-        t = max(t, run * RUN_GAP[1] + rng.randint(0, RUN_GAP[1] - RUN_GAP[0]))
+        t = run * RUN_GAP[0] + rng.randint(0, RUN_GAP[1] - RUN_GAP[0])
+        begun = t
         if rng.random() < 0.75 or not steps:  # the start may be lost, but not the first
             steps.append(Step("start", seq, t))
         seq, t = seq + 1, t + rng.randint(1, 8)
@@ -50,7 +57,8 @@ def random_lifecycle(rng: random.Random, *, requests: bool = True) -> list[Step]
             steps.append(Step("stop", 0, t, stop_reason=1))
         if ending == "open":
             break
-        seq, t = seq + 1, t + 1
+        assert t - begun <= RUN_LENGTH  # noqa: S101
+        seq = seq + 1
     assert t <= MAX_SPAN  # noqa: S101
     return steps
 
