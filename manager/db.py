@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar, cast
+from weakref import WeakKeyDictionary
 
 import psycopg
 from sqlalchemy import Connection, Engine, MetaData, create_engine, event
@@ -27,7 +28,8 @@ class Base(DeclarativeBase):
 
 WRITE_OPTION = "manager_write"
 _COMMANDS = "manager.command_cursor"
-_PIPELINE = "manager.pipeline"  # the DBAPI connection's psycopg Pipeline, while one runs
+# The psycopg Pipeline of a DBAPI connection in write_then_read, while it runs.
+_PIPELINES: WeakKeyDictionary[Any, Any] = WeakKeyDictionary()
 T = TypeVar("T")
 
 
@@ -47,11 +49,11 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     return engine
 
 
-def _sync_pipeline(conn: Connection, *_args: Any) -> None:
+def _sync_pipeline(_conn: Connection, cursor: Any, *_args: Any) -> None:
     """In pipeline mode (write_then_read) a statement is only queued, and SQLAlchemy
     would take it for one without rows: its statements are synced, each its own round
     trip. The hot path's own statements bypass SQLAlchemy and are read in batches."""
-    pipeline = conn.info.get(_PIPELINE)
+    pipeline = _PIPELINES.get(cursor.connection)
     if pipeline is not None:
         pipeline.sync()
 
@@ -136,7 +138,7 @@ def write_then_read(engine: Engine, work: Callable[[Connection], Callable[[], T]
             raise RuntimeError("write_then_read needs an autocommit engine on PostgreSQL")
         try:
             with raw.pipeline() as pipeline:
-                conn.info[_PIPELINE] = pipeline
+                _PIPELINES[raw] = pipeline
                 cursor = _command_cursor(conn)
                 cursor.execute(b"BEGIN")
                 read = work(conn)
@@ -146,19 +148,18 @@ def write_then_read(engine: Engine, work: Callable[[Connection], Callable[[], T]
             # What the pipeline raises at a sync, SQLAlchemy has not seen: wrap it as its
             # own statements' errors are, and drop the connection if it died.
             dead = conn.dialect.is_disconnect(cast(Any, exc), raw, None)
-            if dead:
+            if dead or not _roll_back(raw):
                 conn.invalidate(exc)
                 conn.engine.dispose(close=False)
-            else:
-                _roll_back(raw)
             raise DBAPIError.instance(
                 "pipelined transaction", None, exc, psycopg.Error, connection_invalidated=dead
             ) from exc
         except BaseException:
-            _roll_back(raw)
+            if not _roll_back(raw):
+                conn.invalidate()
             raise
         finally:
-            conn.info.pop(_PIPELINE, None)  # gone already if the connection died
+            _PIPELINES.pop(raw, None)
         return read()
 
 
@@ -170,6 +171,11 @@ def _command_cursor(conn: Connection) -> Any:
     return cursor
 
 
-def _roll_back(raw: Any) -> None:
-    if not raw.closed and raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-        raw.execute("ROLLBACK")
+def _roll_back(raw: Any) -> bool:
+    """End a failed transaction; False if the connection cannot (it is then dropped)."""
+    try:
+        if not raw.closed and raw.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            raw.execute("ROLLBACK")
+    except psycopg.Error:
+        return False
+    return not raw.closed

@@ -1031,7 +1031,7 @@ _FAILURE_TIMES = select(_DELIVERIES.c.zego_timestamp).where(
     _DELIVERIES.c.task_pk == bindparam("task_pk"),
     _DELIVERIES.c.event == bindparam("event"),
     _DELIVERIES.c.sequence == bindparam("sequence"),
-    _DELIVERIES.c.status == bindparam("status"),
+    _DELIVERIES.c.status.is_not_distinct_from(bindparam("status")),  # Status is optional
     _DELIVERIES.c.stop_reason == FAILED_ON_ITS_OWN,
     IS_EVENT,
 )

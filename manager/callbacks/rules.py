@@ -35,7 +35,8 @@ the result cannot depend on the order they arrived in, in two passes:
    ends the latest run begun at or before its Timestamp (a run with unknown start
    counts as begun before anything); failing that, the latest run begun at or below
    its Sequence; failing both, it proves a run of its own, the first. It ends an open
-   run or one that ended unseen, and ends a stopped run earlier if it came first.
+   run or one that ended unseen, and ends a stopped run earlier if it came first (in
+   the same second too: then the failure is how the run ended).
 
 The task then follows from its last run: `running`, `stopping` when a stop request
 came after the run's last start or update, `stopped` or `failed` by how it ended.
@@ -208,13 +209,18 @@ def extend(history: History, event: Event) -> History | None:
     """
     if event.position <= history.position:
         return None
+    last = history.last_run
+    if last is not None and last.ending == Ending.FAILED and not last.start_seen:
+        # Pass 1 never saw this run closed: a run only a failure proved (start unknown)
+        # does not exist there, and one an update opened is open there, to be taken
+        # over by a start.
+        return None
     if (
         event.rank == Rank.STARTED
         and history.last_failure_at is not None
         and event.at <= history.last_failure_at
     ):
         return None  # the new run may take a failure placed by time from an earlier one
-    last = history.last_run
     walk = _Walk(
         runs=[] if last is None else [last],
         first_run=history.first_run if last is None else history.run_count - 1,
@@ -246,7 +252,7 @@ class _Walk:
     def _open(self, event: Event) -> None:
         last = self.runs[-1] if self.runs else None
         if last is not None and last.ended_at is not None and last.ended_at > event.at:
-            self.runs[-1] = replace(last, ended_at=event.at)  # no overlap
+            self.runs[-1] = replace(last, ended_at=_end_at(last, event.at))  # no overlap
         self.runs.append(
             Run(
                 started_at=event.at,
@@ -283,7 +289,9 @@ class _Walk:
             self.runs.append(
                 Run(None, event.at, Ending.STOPPED, start_seq=event.sequence)
             )  # a stop whose start never came still proves a run
-        elif is_open or (last.ended_at is not None and event.at < last.ended_at):
+        elif is_open or (
+            last.ended_at is not None and _end_at(last, event.at) < last.ended_at
+        ):  # the first stop in time ends a run; a failure keeps a tie (pass 2)
             self.runs[-1] = _ended(last, event.at, Ending.STOPPED)
 
     def place_failure(self, event: Event) -> None:
@@ -295,14 +303,17 @@ class _Walk:
             self.runs.insert(0, Run(None, event.at, Ending.FAILED, start_seq=event.sequence))
             return
         run = self.runs[index]
+        ended_at = event.at
+        later = self.runs[index + 1] if index + 1 < len(self.runs) else None
+        if later is not None and later.started_at is not None:
+            ended_at = min(ended_at, later.started_at)  # no overlap
+        ended_at = _end_at(run, ended_at)
+        # A failure ends an open run or one that ended unseen, and a stopped one if it
+        # came first; in the same second, the failure (a tie rule extend keeps too).
         if run.ending in (None, Ending.UNSEEN) or (
-            run.ended_at is not None and event.at < run.ended_at
+            run.ended_at is not None and ended_at <= run.ended_at
         ):
-            ended_at = event.at
-            later = self.runs[index + 1] if index + 1 < len(self.runs) else None
-            if later is not None and later.started_at is not None:
-                ended_at = min(ended_at, later.started_at)  # no overlap
-            self.runs[index] = _ended(run, ended_at, Ending.FAILED)
+            self.runs[index] = replace(run, ended_at=ended_at, ending=Ending.FAILED)
 
     def history(
         self,
@@ -330,11 +341,15 @@ class _Walk:
         )
 
 
-def _ended(run: Run, at: datetime, ending: Ending) -> Run:
-    """The run ended at `at`, or at its start if `at` is earlier (skewed clocks)."""
+def _end_at(run: Run, at: datetime) -> datetime:
+    """When the run ends if it ends at `at`: not before its start (skewed clocks)."""
     if run.started_at is not None and at < run.started_at:
-        at = run.started_at
-    return replace(run, ended_at=at, ending=ending)
+        return run.started_at
+    return at
+
+
+def _ended(run: Run, at: datetime, ending: Ending) -> Run:
+    return replace(run, ended_at=_end_at(run, at), ending=ending)
 
 
 def _later(a: datetime | None, b: datetime | None) -> datetime | None:

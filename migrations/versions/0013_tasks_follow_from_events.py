@@ -55,7 +55,13 @@ def upgrade() -> None:
 
 
 def _rebuild(conn: sa.Connection) -> None:
-    """Every task recomputed by the service's own fold (what `manager rebuild` runs)."""
+    """Every task recomputed by the service's own fold (what `manager rebuild` runs).
+
+    It uses the service's code, so it reads the columns the models have: a later
+    migration that adds a column to tasks, deliveries, task_runs, stop_requests or
+    stop_attempts must keep this step working (give the new column a default the
+    models know, or make this step select only the columns of revision 0013).
+    """
     from manager.lifecycle import utcnow
     from manager.rebuild import rebuild
 

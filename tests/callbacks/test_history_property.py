@@ -21,8 +21,9 @@ from manager import reporting
 from manager.db import write_connection
 from manager.lifecycle import apply_accepted_stop, utc_from_timestamp
 from manager.models import StopAttempt, StopRequest, Task, TaskRun
+from manager.zego.signing import new_nonce, signed_callback
 
-from ..conftest import callback
+from ..conftest import APP_ID, CALLBACK_SECRET, callback
 from .lifecycles import MAX_SPAN, Step, lifecycles
 
 ROW = (
@@ -206,3 +207,35 @@ def test_two_failures_with_sequence_zero_are_two_events_in_either_order(
         "/callbacks/zego", data=json.dumps(resend), content_type="application/json"
     )
     assert answer.json == {"code": 0, "verdict": "duplicate"}
+
+
+def test_failures_without_a_status_are_told_apart_too(client: FlaskClient, db: Session) -> None:
+    """A stop may come without Status (it is part of the event key, so it is NULL)."""
+    t0 = int(time.time()) - 200
+
+    def failure(at: int) -> dict[str, object]:
+        payload = {
+            "Event": "transcode_stop",
+            "Appid": str(APP_ID),
+            "TaskId": "no-status",
+            "Sequence": 0,
+            "StopReason": 1,
+        }
+        return signed_callback(CALLBACK_SECRET, payload, at, new_nonce())
+
+    bodies = [
+        callback(task_id="no-status", sequence=1, timestamp=t0),
+        failure(t0 + 20),
+        callback(task_id="no-status", sequence=2, timestamp=t0 + 150),
+        failure(t0 + 170),
+    ]
+    verdicts = [
+        client.post("/callbacks/zego", data=json.dumps(b), content_type="application/json").json[
+            "verdict"
+        ]
+        for b in bodies
+    ]
+    assert verdicts == ["applied"] * 4
+    row, runs, *_ = state(db, "no-status", utc_from_timestamp(t0 + 400))
+    assert row[0] == "failed"
+    assert [r[3] for r in runs] == [1, 1]

@@ -19,6 +19,7 @@ from manager.callbacks.rules import (
     Event,
     History,
     Rank,
+    Run,
     TaskStatus,
     extend,
     fold,
@@ -172,6 +173,31 @@ CASES: dict[str, Case] = {
         TaskStatus.RUNNING,
         [(None, 50, "stopped"), (100, None, None)],
     ),
+    "a failure and a user's stop in the same second: the failure": Case(
+        [start(1, 0), stop(0, 60, reason=1), stop(2, 60)],
+        TaskStatus.FAILED,
+        [(0, 60, "failed")],
+    ),
+    "a failure proves a run, then an update shows the next": Case(
+        [stop(0, 20, reason=1), update(2, 30)],
+        TaskStatus.RUNNING,
+        [(None, 20, "failed"), (30, None, None)],
+    ),
+    "an update's run, a failure before it, then its start": Case(
+        [update(0, 10), stop(0, 20, reason=1), start(1, 30)],
+        TaskStatus.RUNNING,
+        [(None, 20, "failed"), (30, None, None)],
+    ),
+    "skewed clocks: a failure and a stop stamped before the start": Case(
+        [start(1, 10), stop(1, 5, reason=1), stop(2, 3)],
+        TaskStatus.FAILED,
+        [(10, 10, "failed")],
+    ),
+    "a restart stamped before the run it follows ends that run at its start": Case(
+        [start(0, 2), stop(1, 3), start(2, 1)],
+        TaskStatus.RUNNING,
+        [(2, 2, "stopped"), (1, None, None)],
+    ),
     "the owner is the newest start's or update's UserId": Case(
         [start(1, 0, user="a"), update(2, 5, user="b"), stop(3, 9)],
         TaskStatus.STOPPED,
@@ -192,16 +218,18 @@ def figures(history: History) -> list[RunFigures]:
 
 
 def as_row(history: History) -> History:
-    """What the task row keeps of a history: the last run, as lifecycle.history_of reads it."""
+    """What the task row keeps of a history: the last run, as lifecycle.history_of reads it
+    (which cannot know the Sequence that opened it)."""
     if not history.runs:
         return history
+    last = history.runs[-1]
     return History(
         status=history.status,
         position=history.position,
         owner=history.owner,
         owner_position=history.owner_position,
         last_failure_at=history.last_failure_at,
-        runs=history.runs[-1:],
+        runs=(Run(last.started_at, last.ended_at, last.ending, start_seen=last.start_seen),),
         first_run=history.run_count - 1,
     )
 
