@@ -378,12 +378,7 @@ def apply_callback(
     # The rules first: the verdict goes into the same INSERT that claims the event key.
     event = event_of(cb)
     change = advance(conn, task, event, stored=False)
-    verdict, reason = ("applied", None) if change.changed else ("stale", "older_than_state")
-    task.max_seq = max(task.max_seq, cb.sequence)
-    task.last_delivery_at = received_at
-    if change.changed:
-        task.updated_at = received_at
-    details = None if cb.is_stop else _newer_details(task, cb)
+    verdict, reason, details = _settle(task, cb, change, received_at)
     key = cb.event_key()
     # Only a refold can meet a failure of the same key (see _another_failure).
     if change.full and event.is_failure and _another_failure(conn, task.id, cb):
@@ -454,12 +449,7 @@ def apply_optimistically(
     if after is None:
         return None
     change = extended(before, after)
-    verdict, reason = ("applied", None) if change.changed else ("stale", "older_than_state")
-    task.max_seq = max(task.max_seq, cb.sequence)
-    task.last_delivery_at = received_at
-    if change.changed:
-        task.updated_at = received_at
-    details = None if cb.is_stop else _newer_details(task, cb)
+    verdict, reason, details = _settle(task, cb, change, received_at)
     values = _pg_values(
         task,
         change,
@@ -562,6 +552,20 @@ def create_task(
             return None
         raise
     return Outcome("applied", None, task_pk, delivery_id, refolded=False)
+
+
+def _settle(
+    task: TaskState, cb: Callback, change: Change, received_at: datetime
+) -> tuple[str, str | None, Details | None]:
+    """The delivery's verdict, and the task's registers outside the fold, moved on."""
+    task.max_seq = max(task.max_seq, cb.sequence)
+    task.last_delivery_at = received_at
+    if change.changed:
+        task.updated_at = received_at
+    details = None if cb.is_stop else _newer_details(task, cb)
+    if change.changed:
+        return "applied", None, details
+    return "stale", "older_than_state", details
 
 
 def _record_duplicate(
@@ -744,15 +748,17 @@ _NEW_TASK_SQL = ", ".join(
 _TASK_COLUMNS = ", ".join("t." + name for name in STATE_FIELDS)
 
 
-def _claim_nonce_cte(source: str) -> str:
-    """CTE `n`: the nonce claimed once for each row of `source`; a row if it was free,
-    claimed from the locked task's row so that the task is always locked first."""
+def _claim_nonce_cte(source: str, *, or_fail: bool = False) -> str:
+    """CTE `n`: the nonce claimed once for each row of `source`, so that the task is
+    always locked first; a row if it was free. With `or_fail`, a plain INSERT: a nonce
+    seen before fails the whole statement instead."""
+    on_conflict = "" if or_fail else "ON CONFLICT DO NOTHING"
     return f"""n AS (
         INSERT INTO callback_nonces (zego_timestamp, nonce, body_sha256, seen_at)
         SELECT %(zego_timestamp)s::bigint, %(nonce)s::varchar, %(body_sha256)s::varchar,
             %(seen_at)s::timestamp
         FROM {source}
-        ON CONFLICT DO NOTHING
+        {on_conflict}
         RETURNING 1
     )"""  # noqa: S608 - a CTE's name, values bound
 
@@ -834,13 +840,7 @@ def _pg_guarded_write(runs: bool, owners: bool, trim: bool) -> str:
         UPDATE tasks SET {_TASK_SET}
         WHERE id = %(task_pk)s AND xmin = %(version)s::text::xid
         RETURNING id
-    ), n AS (
-        INSERT INTO callback_nonces (zego_timestamp, nonce, body_sha256, seen_at)
-        SELECT %(zego_timestamp)s::bigint, %(nonce)s::varchar, %(body_sha256)s::varchar,
-            %(seen_at)s::timestamp
-        FROM u
-        RETURNING 1
-    ), d AS (
+    ), {_claim_nonce_cte("u", or_fail=True)}, d AS (
         INSERT INTO deliveries ({", ".join(_DELIVERY_COLUMNS)})
         SELECT {", ".join(f"%({_DELIVERY_PREFIX}{name})s" for name in _DELIVERY_COLUMNS)}
         FROM n
@@ -904,13 +904,7 @@ _PG_CREATE_TASK = f"""
         VALUES (%(app_id)s, %(task_id)s, %(first_seen_at)s, %(input)s::json, %(outputs)s::json,
             {", ".join(f"%({name})s" for name in _WRITTEN)})
         RETURNING id
-    ), n AS (
-        INSERT INTO callback_nonces (zego_timestamp, nonce, body_sha256, seen_at)
-        SELECT %(zego_timestamp)s::bigint, %(nonce)s::varchar, %(body_sha256)s::varchar,
-            %(seen_at)s::timestamp
-        FROM t
-        RETURNING 1
-    ), d AS (
+    ), {_claim_nonce_cte("t", or_fail=True)}, d AS (
         INSERT INTO deliveries ({", ".join(_DELIVERY_COLUMNS)})
         SELECT {
     ", ".join(

@@ -80,6 +80,13 @@ def driver_execute(conn: Connection, statement: str, params: Mapping[str, Any]) 
     surface as SQLAlchemy's DBAPIError, and a connection found dead is invalidated,
     with the rest of the pool, as Connection.execute would.
     """
+    return driver_send(conn, statement, params).fetchone()
+
+
+def driver_send(conn: Connection, statement: str, params: Mapping[str, Any]) -> Any:
+    """Like driver_execute, but returns the cursor unread: in pipeline mode the statement
+    is only queued, and its row is read (cursor.fetchone()) after a later sync, such as
+    the commit's (see db.write_then_read)."""
     dbapi = conn.dialect.loaded_dbapi
     proxied = conn.connection
     # Dropped with the DBAPI connection (a pool's info dict goes with it).
@@ -89,7 +96,7 @@ def driver_execute(conn: Connection, statement: str, params: Mapping[str, Any]) 
         if cursor is None:
             cursor = cursors[statement] = proxied.cursor()
         cursor.execute(statement, params)
-        return cursor.fetchone()
+        return cursor
     except dbapi.Error as exc:
         invalidated = conn.dialect.is_disconnect(exc, proxied.dbapi_connection, cursor)
         if invalidated:
@@ -99,23 +106,6 @@ def driver_execute(conn: Connection, statement: str, params: Mapping[str, Any]) 
         raise DBAPIError.instance(
             statement, params, exc, dbapi.Error, connection_invalidated=invalidated
         ) from exc
-
-
-def driver_send(conn: Connection, statement: str, params: Mapping[str, Any]) -> Any:
-    """Like driver_execute, but returns the cursor unread: in pipeline mode the statement
-    is only queued, and its row is read (cursor.fetchone()) after a later sync, such as
-    the commit's (see db.write_then_read)."""
-    dbapi = conn.dialect.loaded_dbapi
-    proxied = conn.connection
-    cursors: dict[str, Any] = proxied.info.setdefault(_CURSORS, {})
-    cursor = cursors.get(statement)
-    try:
-        if cursor is None:
-            cursor = cursors[statement] = proxied.cursor()
-        cursor.execute(statement, params)
-        return cursor
-    except dbapi.Error as exc:
-        raise DBAPIError.instance(statement, params, exc, dbapi.Error) from exc
 
 
 _CURSORS = "manager.driver_cursors"

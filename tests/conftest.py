@@ -68,6 +68,28 @@ def _psycopg_url(raw: str) -> Any:
     return url.set(drivername="postgresql+psycopg")
 
 
+@pytest.fixture
+def scratch_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
+    """An empty database, separate from the suite's migrated one."""
+    if not ON_POSTGRES:
+        engine = make_engine(f"sqlite:///{tmp_path_factory.mktemp('mig')}/scratch.db")
+        yield engine
+        engine.dispose()
+        return
+    url = _psycopg_url(TEST_DATABASE_URL)
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    name = f"manager_scratch_{secrets.token_hex(4)}"
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    engine = make_engine(url.set(database=name).render_as_string(hide_password=False))
+    yield engine
+    engine.dispose()
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
 @pytest.fixture(scope="session")
 def migrated_engine(database_url: str) -> Iterator[Engine]:
     engine = make_engine(database_url)

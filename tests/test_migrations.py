@@ -2,40 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, inspect, text
+from sqlalchemy import Engine, inspect
 
-from manager.db import Base, make_engine
+from manager.db import Base
 from manager.migrate import alembic_config, downgrade, head_revisions, is_at_head, upgrade
-
-from .conftest import ON_POSTGRES, TEST_DATABASE_URL, _psycopg_url
-
-
-@pytest.fixture
-def scratch_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
-    """An empty database, separate from the suite's migrated one."""
-    if not ON_POSTGRES:
-        engine = make_engine(f"sqlite:///{tmp_path_factory.mktemp('mig')}/scratch.db")
-        yield engine
-        engine.dispose()
-        return
-    url = _psycopg_url(TEST_DATABASE_URL)
-    admin = create_engine(url, isolation_level="AUTOCOMMIT")
-    name = "manager_migrations_scratch"
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    engine = make_engine(url.set(database=name).render_as_string(hide_password=False))
-    yield engine
-    engine.dispose()
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
 
 
 def test_single_head(scratch_engine: Engine) -> None:

@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import json
-import secrets
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 
-import pytest
 from flask import Flask
 from flask.testing import FlaskClient, FlaskCliRunner
-from sqlalchemy import Engine, create_engine, delete, select, text, update
+from sqlalchemy import Engine, delete, select, text, update
 from sqlalchemy.orm import Session
 
-from manager.db import make_engine
 from manager.migrate import upgrade
 from manager.models import RunDay, Task, TaskRun
 
-from .conftest import ON_POSTGRES, TEST_DATABASE_URL, _psycopg_url, callback
+from .conftest import callback
 
 
 def deliver(client: FlaskClient, event: str = "transcode_start", **kw: object) -> None:
@@ -135,34 +131,12 @@ def test_rebuild_refuses_an_unstorable_task_id(runner: FlaskCliRunner, app: Flas
 # --- the migration -------------------------------------------------------------------------
 
 
-@pytest.fixture
-def old_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
-    """A database of its own, to be migrated step by step."""
-    if not ON_POSTGRES:
-        engine = make_engine(f"sqlite:///{tmp_path_factory.mktemp('old')}/old.db")
-        yield engine
-        engine.dispose()
-        return
-    url = _psycopg_url(TEST_DATABASE_URL)
-    admin = create_engine(url, isolation_level="AUTOCOMMIT")
-    name = f"manager_rebuild_migration_{secrets.token_hex(4)}"
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    engine = make_engine(url.set(database=name).render_as_string(hide_password=False))
-    yield engine
-    engine.dispose()
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
-
-
-def test_the_upgrade_corrects_histories_the_old_rules_recorded(old_engine: Engine) -> None:
+def test_the_upgrade_corrects_histories_the_old_rules_recorded(scratch_engine: Engine) -> None:
     """Arrival [start 1, stop 3, start 2] left two overlapping stopped runs (130 s);
     upgrading recomputes one run ended unseen and one stopped (90 s)."""
-    upgrade(old_engine, "0012")
+    upgrade(scratch_engine, "0012")
     t0 = 1_796_000_000
-    with old_engine.begin() as conn:
+    with scratch_engine.begin() as conn:
         conn.execute(
             text(
                 "INSERT INTO tasks (id, app_id, task_id, owner, status, stop_reason, state_seq,"
@@ -204,8 +178,8 @@ def test_the_upgrade_corrects_histories_the_old_rules_recorded(old_engine: Engin
                     "b": b"",
                 },
             )
-    upgrade(old_engine)
-    with old_engine.connect() as conn:
+    upgrade(scratch_engine)
+    with scratch_engine.connect() as conn:
         rows = conn.execute(
             select(
                 TaskRun.run_no, TaskRun.started_at, TaskRun.ended_at, TaskRun.stop_reason
