@@ -42,12 +42,12 @@ def insert_ignore_rows(
 ) -> None:
     """Many rows, INSERT … ON CONFLICT DO NOTHING on the primary key: rows another
     process inserted first stay as they are."""
-    insert = _insert_for(conn.dialect.name)
+    insert = insert_for(conn.dialect.name)
     for at in range(0, len(rows), batch):
         conn.execute(insert(model.__table__).on_conflict_do_nothing(), rows[at : at + batch])
 
 
-def _insert_for(dialect: str) -> Any:
+def insert_for(dialect: str) -> Any:
     return postgresql.insert if dialect == "postgresql" else sqlite.insert
 
 
@@ -58,7 +58,7 @@ def _insert_ignore(
     conflict_columns: Sequence[str],
     index_where: ColumnElement[bool] | None,
 ) -> Any:
-    insert = _insert_for(dialect)
+    insert = insert_for(dialect)
     table = model.__table__
     return (
         insert(table)

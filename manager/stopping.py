@@ -13,13 +13,25 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Boolean, Table, bindparam, func, literal_column, or_, select, update
+from sqlalchemy import (
+    Boolean,
+    DateTime,
+    String,
+    Table,
+    bindparam,
+    func,
+    literal,
+    literal_column,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from .errors import ApiError
 from .lifecycle import ENDED, apply_accepted_stop
 from .models import Delivery, StopAttempt, StopBatch, StopRequest, Task
-from .sqlutil import insert_ignore
+from .sqlutil import insert_for, insert_ignore
 from .zego.client import BAD_INPUT, ZegoReply
 
 RESTOP_AFTER = timedelta(seconds=120)
@@ -474,6 +486,42 @@ class BulkSelection:
         return {"all_running": True}
 
 
+def _queue_stops(
+    session: Session,
+    batch_id: int,
+    task_pks: list[int],
+    requested_by: str,
+    reason: str | None,
+    now: datetime,
+) -> set[int]:
+    """One queued stop request per task, in one INSERT … SELECT whatever their number,
+    skipping tasks that have one queued already; the tasks that got one."""
+    if not task_pks:
+        return set()
+    columns = ["task_pk", "batch_id", "state", "user_id", "requested_by", "reason"]
+    columns += ["force", "created_at", "attempts", "next_attempt_at"]
+    source = select(
+        Task.id,
+        literal(batch_id),
+        literal("queued"),
+        Task.owner,
+        literal(requested_by),
+        literal(reason, String),
+        literal(False),
+        literal(now, DateTime),
+        literal(0),
+        literal(now, DateTime),
+    ).where(Task.id.in_(task_pks))
+    insert = insert_for(session.get_bind().dialect.name)
+    statement = (
+        insert(_requests_table)
+        .from_select(columns, source)
+        .on_conflict_do_nothing(index_elements=["task_pk"], index_where=QUEUED_ONLY)
+        .returning(_requests.task_pk)
+    )
+    return set(session.execute(statement).scalars())
+
+
 def create_batch(
     session: Session,
     selection: BulkSelection,
@@ -499,6 +547,14 @@ def create_batch(
     if selection.task_ids is not None:
         known = {r.task_id for r in rows}
         skipped.update({t: "unknown_task" for t in selection.task_ids if t not in known})
+    eligible: dict[int, str] = {}
+    for row in rows:
+        if row.status != "running":
+            skipped[row.task_id] = f"task is {row.status}"
+        elif row.owner is None:
+            skipped[row.task_id] = "owner_unknown"
+        else:
+            eligible[row.id] = row.task_id
     batch = StopBatch(
         created_at=now,
         requested_by=requested_by,
@@ -508,29 +564,14 @@ def create_batch(
     )
     session.add(batch)
     session.flush()
-    queued_only = QUEUED_ONLY
-    for row in rows:
-        if row.status != "running":
-            skipped[row.task_id] = f"task is {row.status}"
-            continue
-        if row.owner is None:
-            skipped[row.task_id] = "owner_unknown"
-            continue
-        values = {
-            "task_pk": row.id,
-            "batch_id": batch.id,
-            "state": "queued",
-            "user_id": row.owner,
-            "requested_by": requested_by,
-            "reason": reason,
-            "force": False,
-            "created_at": now,
-            "attempts": 0,
-            "next_attempt_at": now,
+    queued = _queue_stops(session, batch.id, list(eligible), requested_by, reason, now)
+    skipped.update(
+        {
+            task_id: "a stop is already queued"
+            for pk, task_id in eligible.items()
+            if pk not in queued
         }
-        if insert_ignore(session, StopRequest, values, ["task_pk"], index_where=queued_only):
-            batch.total += 1
-        else:
-            skipped[row.task_id] = "a stop is already queued"
+    )
+    batch.total = len(queued)
     session.flush()
     return batch, skipped

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient, FlaskCliRunner
-from sqlalchemy import select, text, update
+from sqlalchemy import event, select, text, update
 from sqlalchemy.orm import Session
 
 from manager import create_app, dispose_engines, reporting
@@ -19,11 +19,11 @@ from manager.config import Settings
 from manager.db import Base
 from manager.lifecycle import utcnow
 from manager.models import StopAttempt, StopRequest, Task
-from manager.stopping import MAX_RESTOPS, RESTOP_BY
+from manager.stopping import MAX_RESTOPS, RESTOP_BY, BulkSelection, create_batch
 from manager.zego.callbacks import MAX_CALLBACK_SEQUENCE
 from manager.zego.fake import Failure, FakeServer
 
-from .conftest import CALLBACK_SECRET, SERVER_SECRET, callback
+from .conftest import APP_ID, CALLBACK_SECRET, SERVER_SECRET, callback
 
 
 def start(client: FlaskClient, task_id: str = "s-1", owner: str = "owner-1", seq: int = 3) -> None:
@@ -483,3 +483,52 @@ def test_secrets_never_leave_the_process(
         dump = repr(db.execute(text(f"SELECT * FROM {table.name}")).all())  # noqa: S608
         assert not any(s in dump for s in secrets), table.name
     assert SERVER_SECRET not in repr(app.extensions)
+
+
+def test_a_bulk_stop_takes_the_same_statements_for_3_tasks_as_for_300(db: Session) -> None:
+    """The batch's stop requests are one INSERT … SELECT, whatever their number."""
+    now = utcnow()
+
+    def statements_for(owner: str, count: int) -> int:
+        for i in range(count):
+            db.add(
+                Task(
+                    app_id=APP_ID,
+                    task_id=f"{owner}-{i}",
+                    owner=owner,
+                    status="running",
+                    state_seq=1,
+                    state_rank=2,
+                    max_seq=1,
+                    runs=1,
+                    first_seen_at=now,
+                    updated_at=now,
+                )
+            )
+        db.flush()
+        executed: list[str] = []
+
+        def count(*args: object) -> None:
+            executed.append(str(args[2]))
+
+        engine = db.get_bind()
+        event.listen(engine, "before_cursor_execute", count)
+        try:
+            batch, skipped = create_batch(
+                db,
+                BulkSelection(owner=owner),
+                requested_by="ops",
+                reason=None,
+                app_id=APP_ID,
+                now=now,
+            )
+        finally:
+            event.remove(engine, "before_cursor_execute", count)
+        assert (batch.total, skipped) == (count_of(owner), {})
+        return len(executed)
+
+    def count_of(owner: str) -> int:
+        return {"few": 3, "many": 300}[owner]
+
+    assert statements_for("few", 3) == statements_for("many", 300)
+    db.rollback()
