@@ -1,13 +1,14 @@
 """Record a verified callback and keep its task and runs what its events make them.
 
 The rules live in manager/callbacks/rules.py; this module stores what they return,
-on every backend: the webhook's callbacks (`apply_callback`), our own stop requests
-that ZEGOCLOUD accepted (`apply_accepted_stop`) and `manager rebuild` (`refold`) all
-end in `advance` or `refold`, which read the task's locked row and write it back.
+on every backend: the webhook's callbacks (`apply_optimistically`, `create_task`,
+`apply_callback`), our own stop requests that ZEGOCLOUD accepted
+(`apply_accepted_stop`) and `manager rebuild` (manager/rebuild.py, through `diff` and
+`write_back`).
 
 Most deliveries are newer than everything their task has seen; `rules.extend` applies
-those to the task row alone. Any other (a late one, or one for a task whose
-StopReason 1 stop is placed by time) refolds the task's whole history: its recorded
+those to the task row alone. Any other (a late one, or a start no later than the
+task's latest StopReason 1 stop) refolds the task's whole history: its recorded
 events are read back and `rules.fold` recomputes the task and every run.
 
 Concurrency: the nonce ledger and the duplicate key are unique constraints claimed
@@ -17,10 +18,16 @@ transactions start with BEGIN IMMEDIATE) before the rules read it. Locks are alw
 taken in the order task, nonce, event key, so concurrent deliveries cannot deadlock,
 and the result is that of some serial order, which the fold makes the same for all.
 
+On PostgreSQL most deliveries take no lock: `apply_optimistically` reads the row,
+and one statement writes it back only if it is still the version read (xmin), with
+the nonce and event key claimed by plain INSERTs in the same lock order; anything
+it cannot settle writes nothing and goes through `apply_callback`'s transaction.
+
 This is the hot path of the service, so it runs statements built once, at import, on
-the caller's connection: on PostgreSQL one statement creates or locks the task and
-claims the nonce, and one records the delivery and, only if its event key was free,
-writes the task and its changed runs back; SQLite takes a few more statements.
+the caller's connection: in the transaction, on PostgreSQL, one statement creates or
+locks the task and claims the nonce, and one records the delivery and, only if its
+event key was free, writes the task and its changed runs back; SQLite takes a few
+more statements.
 """
 
 from __future__ import annotations
@@ -341,10 +348,7 @@ def apply_callback(
     postgres = conn.dialect.name == "postgresql"
     digest = cb.body_digest()
     claim = {
-        "zego_timestamp": cb.timestamp,
-        "nonce": cb.nonce,
-        "body_sha256": digest,
-        "seen_at": received_at,
+        **_nonce_claim(cb, received_at, digest),
         "app_id": cb.app_id,
         "task_id": cb.task_id,
         "now": received_at,
@@ -361,17 +365,9 @@ def apply_callback(
         _check_retransmission(conn, cb, digest)
     task = TaskState(*row)
 
-    delivery = {
-        **cb.audit_fields(),
-        "received_at": received_at,
-        "task_pk": task.id,
-        "remote_addr": remote_addr,
-        "body_size": body_size,
-        "raw_body": raw_body,
-        "event_key": None,
-        "verdict": "duplicate",
-        "reason": "same_nonce",
-    }
+    delivery = _delivery_row(
+        cb, task.id, raw_body, body_size, received_at, remote_addr, "duplicate", "same_nonce"
+    )
     if not nonce_claimed:
         return _record_duplicate(conn, task, delivery)
 
@@ -450,29 +446,12 @@ def apply_optimistically(
         return None
     change = extended(before, after)
     verdict, reason, details = _settle(task, cb, change, received_at)
-    values = _pg_values(
-        task,
-        change,
-        {
-            **cb.audit_fields(),
-            "received_at": received_at,
-            "task_pk": task.id,
-            "remote_addr": remote_addr,
-            "body_size": body_size,
-            "raw_body": raw_body,
-            "event_key": cb.event_key(),
-            "verdict": verdict,
-            "reason": reason,
-        },
-        details,
+    delivery = _delivery_row(
+        cb, task.id, raw_body, body_size, received_at, remote_addr, verdict, reason
     )
-    values.update(
-        version=version,
-        zego_timestamp=cb.timestamp,
-        nonce=cb.nonce,
-        body_sha256=cb.body_digest(),
-        seen_at=received_at,
-    )
+    delivery["event_key"] = cb.event_key()
+    values = _pg_values(task, change, delivery, details)
+    values.update(_nonce_claim(cb, received_at, cb.body_digest()), version=version)
     variant = (bool(change.runs), change.owner_changed, change.full)
     try:
         written = driver_execute(conn, _PG_GUARDED_WRITE[variant], values)
@@ -525,26 +504,15 @@ def create_task(
     )
     change = advance(conn, task, event_of(cb), stored=False)  # extends: reads nothing
     details = _newer_details(task, cb)
-    values = {
-        **{_DELIVERY_PREFIX + name: value for name, value in cb.audit_fields().items()},
-        **task_values(task, change),
-        "delivery_received_at": received_at,
-        "delivery_remote_addr": remote_addr,
-        "delivery_body_size": body_size,
-        "delivery_raw_body": raw_body,
-        "delivery_event_key": cb.event_key(),
-        "delivery_verdict": "applied",
-        "delivery_reason": None,
-        "app_id": cb.app_id,
-        "task_id": cb.task_id,
-        "first_seen_at": received_at,
-        "input": None if details is None else pg_json(details[0]),
-        "outputs": None if details is None else pg_json(details[1]),
-        "zego_timestamp": cb.timestamp,
-        "nonce": cb.nonce,
-        "body_sha256": cb.body_digest(),
-        "seen_at": received_at,
-    }
+    delivery = _delivery_row(cb, 0, raw_body, body_size, received_at, remote_addr, "applied", None)
+    delivery["event_key"] = cb.event_key()
+    values = _pg_values(task, change, delivery, details)  # task_pk: the new row's id, in SQL
+    values.update(
+        _nonce_claim(cb, received_at, cb.body_digest()),
+        app_id=cb.app_id,
+        task_id=cb.task_id,
+        first_seen_at=received_at,
+    )
     try:
         task_pk, delivery_id = driver_execute(conn, _PG_CREATE_TASK, values)
     except DBAPIError as exc:
@@ -552,6 +520,40 @@ def create_task(
             return None
         raise
     return Outcome("applied", None, task_pk, delivery_id, refolded=False)
+
+
+def _delivery_row(
+    cb: Callback,
+    task_pk: int,
+    raw_body: bytes,
+    body_size: int,
+    received_at: datetime,
+    remote_addr: str | None,
+    verdict: str,
+    reason: str | None,
+) -> dict[str, Any]:
+    """The delivery's row, without an event key (a duplicate has none)."""
+    return {
+        **cb.audit_fields(),
+        "received_at": received_at,
+        "task_pk": task_pk,
+        "remote_addr": remote_addr,
+        "body_size": body_size,
+        "raw_body": raw_body,
+        "event_key": None,
+        "verdict": verdict,
+        "reason": reason,
+    }
+
+
+def _nonce_claim(cb: Callback, received_at: datetime, digest: str) -> dict[str, Any]:
+    """The parameters of a claim of the callback's (Timestamp, Nonce)."""
+    return {
+        "zego_timestamp": cb.timestamp,
+        "nonce": cb.nonce,
+        "body_sha256": digest,
+        "seen_at": received_at,
+    }
 
 
 def _settle(
@@ -635,14 +637,6 @@ def apply_accepted_stop(conn: Connection, task_pk: int, sequence: int, at: datet
         task.max_seq = max(task.max_seq, sequence)
         write_back(conn, task, change)
     return change.changed
-
-
-def refold(conn: Connection, task: TaskState) -> Change:
-    """The task recomputed from all its recorded events, written back where it differs."""
-    change = compare(conn, task, fold(load_events(conn, task.id)))
-    if change.changed:
-        write_back(conn, task, change)
-    return change
 
 
 def _check_retransmission(conn: Connection, cb: Callback, digest: str) -> None:
