@@ -111,7 +111,10 @@ def get_dispatcher() -> Dispatcher:
     ext = current_app.extensions
     if "manager.dispatcher" not in ext:
         ext["manager.dispatcher"] = make_dispatcher(
-            ext["manager.settings"], ext["manager.engine"], ext["manager.sessions"], "api"
+            ext["manager.settings"],
+            ext.get("manager.autocommit_engine", ext["manager.engine"]),
+            ext["manager.sessions"],
+            "api",
         )
     dispatcher: Dispatcher = ext["manager.dispatcher"]
     return dispatcher

@@ -262,6 +262,7 @@ def stop_command(task_id: str, reason: str | None, force: bool) -> None:
     """Stop a task through StopCloudTranscode, as its recorded owner."""
     from . import get_dispatcher
     from .dispatch import stop_task_now
+    from .stopping import WAIT_REASON_TEXT
 
     settings = current_app.extensions["manager.settings"]
     who = f"cli:{os.environ.get('USER') or os.environ.get('LOGNAME') or 'unknown'}"
@@ -276,6 +277,8 @@ def stop_command(task_id: str, reason: str | None, force: bool) -> None:
             force=force,
         )
     code = f" (ZEGO {stop.last_code}: {stop.last_message})" if stop.last_code is not None else ""
+    if stop.state == "queued" and stop.wait_reason is not None:
+        code += f" ({WAIT_REASON_TEXT[stop.wait_reason]})"
     prefix = "" if created else "already in flight: "
     click.echo(f"{prefix}stop request {stop.id} seq={stop.sequence} {stop.state}{code}")
     if stop.state == "failed":
@@ -285,30 +288,38 @@ def stop_command(task_id: str, reason: str | None, force: bool) -> None:
 @click.command("worker")
 @click.option("--once", is_flag=True, help="run one pass and exit")
 @click.option(
-    "--threads", default=4, show_default=True, type=click.IntRange(1, 64), help="sender threads"
+    "--threads",
+    default=64,
+    show_default=True,
+    type=click.IntRange(1, 512),
+    help="calls to ZEGOCLOUD that may be in flight at once (sender threads and connections)",
 )
 @with_appcontext
 def worker_command(once: bool, threads: int) -> None:
     """Send queued stop requests within the shared rate limit; re-stop stuck tasks."""
+    import logging
     import signal
     import threading
 
+    # Every attempt, wait and give-up is logged: show them, with time and level.
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
     from .dispatch import make_dispatcher
-    from .worker import SWITCH_INTERVAL, StopWorker
+    from .worker import StopWorker
 
     ext = current_app.extensions
     with _api_errors():
         dispatcher = make_dispatcher(
-            ext["manager.settings"], ext["manager.engine"], ext["manager.sessions"], "worker"
+            ext["manager.settings"],
+            ext.get("manager.autocommit_engine", ext["manager.engine"]),
+            ext["manager.sessions"],
+            "worker",
+            pool_size=threads,
         )
-    # A long-running worker sends from a process of its own, where no database work
-    # holds the GIL when a slot comes; a single pass sends from threads of this one.
-    sys.setswitchinterval(SWITCH_INTERVAL)
     worker = StopWorker(
-        dispatcher,
-        threads=threads,
-        separate_process=not once,
-        nonce_max_age=ext["manager.settings"].callback_max_age,
+        dispatcher, threads=threads, nonce_max_age=ext["manager.settings"].callback_max_age
     )
     try:
         if once:
@@ -328,8 +339,17 @@ def worker_command(once: bool, threads: int) -> None:
 @click.option("--port", default=8900, show_default=True, type=int)
 @click.option("--callback-url", default="http://127.0.0.1:8000/callbacks/zego", show_default=True)
 @click.option("--rate-limit", default=100, show_default=True, type=int)
+@click.option(
+    "--answer-delay-ms",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0, 60_000),
+    help="answer each call this long after counting and applying it",
+)
 @with_appcontext
-def fake_zego_command(host: str, port: int, callback_url: str, rate_limit: int) -> None:
+def fake_zego_command(
+    host: str, port: int, callback_url: str, rate_limit: int, answer_delay_ms: int
+) -> None:
     """Serve a local stand-in for ZEGOCLOUD's API, signed with this instance's secrets."""
     from .zego.fake import FakeServer, FakeZego
 
@@ -344,6 +364,7 @@ def fake_zego_command(host: str, port: int, callback_url: str, rate_limit: int) 
         callback_secret=settings.callback_secrets[0],
         callback_url=callback_url,
         rate_limit=rate_limit,
+        answer_delay=answer_delay_ms / 1000,
     )
     server = FakeServer(fake, port=port, host=host)
     click.echo(f"fake ZEGOCLOUD API on {server.url} (ZEGO_API_URL); callbacks to {callback_url}")

@@ -1,8 +1,8 @@
-"""Send stop attempts: take a shared rate slot, call ZEGOCLOUD, record the answer.
+"""Send stop attempts: take a unit of the shared rate limit, call ZEGOCLOUD, record the answer.
 
-Used by the stop endpoint (one attempt, waiting briefly for a slot) and by the
-worker (many attempts, slotted ahead and sent by its sender threads or process,
-see worker.py). No database transaction is open during the call.
+Used by the stop endpoint, the CLI and the dashboard (one attempt, leasing a unit
+for it and giving it back at once) and by the worker (many attempts on the units it
+keeps leased, see worker.py). No database transaction is open during the call.
 """
 
 from __future__ import annotations
@@ -22,20 +22,28 @@ from sqlalchemy.orm import Session, sessionmaker
 from .config import Settings
 from .db import begin_write, write_transaction
 from .lifecycle import utcnow
+from .metrics import count_stop_wait
 from .models import StopRequest
 from .queries import find_task
-from .ratelimit import CLOCK_ERROR, SEND_TOLERANCE, SharedRateLimiter
+from .ratelimit import Grant, RateShare
 from .stopping import Job, RetryPolicy, prepare_attempt, record_attempts, release, request_stop
-from .zego.client import ClientConfig, ZegoClient, ZegoReply
+from .zego.client import DEFAULT_POOL_SIZE, ClientConfig, ZegoClient, ZegoReply
+from .zego.guard import DeadlinePassed, SendGuard
 
 log = logging.getLogger(__name__)
 
 RATE_LIMITER_NAME = "zego_api"
-CLOSED_WINDOW_WARNING_EVERY = 60.0  # seconds
 # A call's answer is stored again after 0.2 s, then 0.4 s, before the endpoint gives up.
 RECORD_RETRIES = 3
 RECORD_RETRY_DELAY = 0.2
 NAME_LENGTH = 64  # stop_requests.claimed_by and stop_attempts.worker
+# How often a process without a unit asks for one again while a stop waits.
+ACQUIRE_RETRY = 0.1
+# An operator's stop (API, CLI, dashboard) waits this long for a unit of the rate
+# before it is left to the worker.
+FIRST_ATTEMPT_MAX_WAIT = 2.0
+# Warnings that could repeat for every stop come at most this often.
+WARN_EVERY = 60.0
 
 
 def process_name(role: str) -> str:
@@ -45,83 +53,103 @@ def process_name(role: str) -> str:
     return f"{role}:{host}:{os.getpid()}"
 
 
-def send_in_window(
-    client: ZegoClient, job: Job, earliest: float, latest: float
-) -> tuple[ZegoReply | None, float]:
-    """Call StopCloudTranscode between the monotonic times `earliest` and `latest`.
+def send_on_unit(
+    client: ZegoClient, limiter: RateShare, job: Job, grant: Grant
+) -> ZegoReply | None:
+    """Call StopCloudTranscode on a checked-out unit, and check the unit back in.
 
-    The request is signed first, so that little stands between the check and the
-    send. Returns the reply, or None and nothing sent when the call could not leave
-    by `latest` (a busy machine, a slow thread): late calls bunched onto punctual
-    ones would break the limit, so the caller takes a fresh slot. Also returns how
-    late after `earliest` the call left (or would have).
+    The request is signed first. Returns None, nothing sent, when the unit's lease
+    ran out before the connection was ready to write. Whatever else happens the
+    unit counts the call as sent: when its last byte left, or, where that is not
+    known (an error mid-way), when the call returned.
     """
     prepared = client.prepare_stop(job.task_id, job.user_id, job.sequence)
-    while (now := time.monotonic()) < earliest:
-        time.sleep(earliest - now)
-    if now > latest:
-        return None, now - earliest
-    return client.send(prepared), now - earliest
+    # The unit is checked in as soon as the request is out, not when its answer comes.
+    guard = SendGuard(deadline=grant.deadline, on_written=lambda at: limiter.finish(grant, at))
+    try:
+        reply = client.send(prepared, guard)
+    except DeadlinePassed:
+        limiter.finish(grant, None)
+        return None
+    except BaseException:
+        if guard.written_at is None:
+            limiter.finish(grant, time.monotonic())
+        raise
+    if guard.written_at is None:  # the request failed part-way: it may have gone
+        limiter.finish(grant, time.monotonic())
+    return reply
+
+
+class Throttled:
+    """Logs a warning at most once per WARN_EVERY seconds."""
+
+    def __init__(self) -> None:
+        self._last = -math.inf
+
+    def warn(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last >= WARN_EVERY:
+            self._last = now
+            log.warning(message, *args)
 
 
 @dataclass
 class Dispatcher:
     sessions: sessionmaker[Session]
     client_config: ClientConfig
-    limiter: SharedRateLimiter
+    limiter: RateShare
     policy: RetryPolicy
     name: str
     rng: random.Random
     client: ZegoClient = field(init=False, repr=False)
-    _last_closed_warning: float = field(default=-math.inf, init=False, repr=False)
+    no_share: Throttled = field(default_factory=Throttled, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.client = self.client_config.make()
 
     def send(self, job: Job, max_wait: float) -> str | None:
-        """Make one attempt and return the request's new state; None when no rate slot
-        came within max_wait (the job is released)."""
-        give_up_at = time.monotonic() + max_wait
-        slot = self.limiter.reserve(max_wait)
-        while slot is not None:
-            reply, late = send_in_window(self.client, job, *self.send_window(slot))
-            if reply is not None:
-                log_call(job, reply, late)
-                return self._record_answer(job, reply)
-            slot = self.limiter.reserve(give_up_at - time.monotonic())  # late: a fresh slot
-        with write_transaction(self.sessions) as session:
-            release(session, job.stop_request_id, self.name)
-        return None
+        """Make one attempt and return the request's new state; None when no unit of the
+        rate came within max_wait (the job goes back to the queue, saying why)."""
+        grant = self.take_unit(time.monotonic() + max_wait)
+        reply = None if grant is None else send_on_unit(self.client, self.limiter, job, grant)
+        self.give_back_units()
+        if reply is None:
+            self.wait_for_share([job], max_wait)
+            return None
+        log_call(job, reply)
+        return self._record_answer(job, reply)
 
-    def send_window(self, slot: float) -> tuple[float, float]:
-        """When a call in the slot at monotonic time `slot` may leave: (earliest, latest).
+    def take_unit(self, until: float) -> Grant | None:
+        """A unit that may start a call now: one held, or one leased for the purpose,
+        waiting for it until the monotonic time `until`."""
+        while True:
+            grant = self.limiter.try_checkout()
+            if grant is not None:
+                return grant
+            if self.limiter.acquire(1):
+                return self.limiter.checkout(until)
+            if time.monotonic() + ACQUIRE_RETRY >= until:
+                return None
+            time.sleep(ACQUIRE_RETRY)
 
-        Up to SEND_TOLERANCE late; a clock offset known less well than CLOCK_ERROR
-        narrows the window from both sides, so that the call still lands within the
-        spread ratelimit.py budgets for (and closes it, sending nothing, when the
-        database is too slow to tell its time within SEND_TOLERANCE / 2 more).
-        """
-        error = self.limiter.clock_error()
-        margin = max(0.0, error - CLOCK_ERROR)
-        if 2 * margin >= SEND_TOLERANCE:
-            self._warn_window_closed(error)
-        return slot + margin, slot + SEND_TOLERANCE - margin
+    def give_back_units(self) -> None:
+        """Return the units not in use, so that a worker or another stop may have them."""
+        try:
+            self.limiter.release()
+        except SQLAlchemyError:  # they return by themselves when their lease runs out
+            log.warning("could not give back rate units; their lease will run out")
 
-    def _warn_window_closed(self, error: float) -> None:
-        # Every call then misses its slot and nothing is sent: say so, once a minute,
-        # rather than only in the debug log of each missed slot.
-        now = time.monotonic()
-        if now - self._last_closed_warning < CLOSED_WINDOW_WARNING_EVERY:
-            return
-        self._last_closed_warning = now
-        log.warning(
-            "stop calls cannot be timed: the database clock is known only to within "
-            "%.1f ms (a round trip of about %.0f ms), more than the %.0f ms send "
-            "tolerance allows; no StopCloudTranscode call is sent until it improves",
-            1000 * error,
-            2000 * error,
-            1000 * (SEND_TOLERANCE / 2 + CLOCK_ERROR),
+    def wait_for_share(self, jobs: list[Job], waited: float) -> None:
+        """Put jobs back in the queue that found no share of the rate limit, and say so."""
+        count_stop_wait("rate_limit", len(jobs))
+        self.no_share.warn(
+            "no share of the ZEGOCLOUD rate limit for %.1f s (every unit in use by other "
+            "processes, or the database too slow to lease one): %d stop(s) left queued",
+            waited,
+            len(jobs),
         )
+        with write_transaction(self.sessions) as session:
+            release(session, [job.stop_request_id for job in jobs], self.name, "rate_limit")
 
     def _record_answer(self, job: Job, reply: ZegoReply) -> str:
         """Store the answer of a call that went out, trying again while the database
@@ -154,21 +182,37 @@ class Dispatcher:
             )
 
 
-def log_call(job: Job, reply: ZegoReply, late: float) -> None:
+def log_call(job: Job, reply: ZegoReply) -> None:
+    if reply.http_status is None and reply.code is None:
+        count_stop_wait("zego_unreachable", 1)
+        log.warning(
+            "ZEGOCLOUD not reached: StopCloudTranscode task=%s seq=%s (%s); the stop is retried",
+            job.task_id,
+            job.sequence,
+            reply.message,
+        )
+        return
     log.info(
-        "StopCloudTranscode task=%s seq=%s outcome=%s code=%s request_id=%s late_ms=%.1f",
+        "StopCloudTranscode task=%s seq=%s outcome=%s code=%s request_id=%s elapsed_ms=%d",
         job.task_id,
         job.sequence,
         reply.outcome,
         reply.code,
         reply.request_id,
-        1000 * late,
+        reply.elapsed_ms,
     )
 
 
 def make_dispatcher(
-    settings: Settings, engine: Engine, sessions: sessionmaker[Session], role: str
+    settings: Settings,
+    engine: Engine,
+    sessions: sessionmaker[Session],
+    role: str,
+    *,
+    pool_size: int = DEFAULT_POOL_SIZE,
 ) -> Dispatcher:
+    """The engine should be in autocommit (PostgreSQL) where one is at hand: a unit's
+    lease, renewal or return is then one statement, one round trip."""
     from .errors import ApiError
 
     if settings.zego_app_id is None or not settings.zego_server_secret:
@@ -180,8 +224,9 @@ def make_dispatcher(
             settings.zego_app_id,
             settings.zego_server_secret,
             settings.zego_timeout,
+            pool_size,
         ),
-        limiter=SharedRateLimiter(engine, RATE_LIMITER_NAME, settings.zego_rate_limit),
+        limiter=RateShare(engine, RATE_LIMITER_NAME, settings.zego_rate_limit),
         policy=RetryPolicy(max_attempts=settings.stop_max_attempts),
         name=process_name(role),
         rng=random.Random(),  # noqa: S311 - jitter, not cryptography
@@ -197,7 +242,7 @@ def stop_task_now(
     requested_by: str,
     reason: str | None,
     force: bool,
-    max_wait: float = 2.0,
+    max_wait: float | None = None,
 ) -> tuple[StopRequest, bool]:
     """Store a stop (commit), then make its first attempt; returns (request, created).
 
@@ -220,6 +265,6 @@ def stop_task_now(
     job = prepare_attempt(session, stop) if created else None
     session.commit()  # stored before it is sent
     if job is not None:
-        dispatcher.send(job, max_wait=max_wait)
+        dispatcher.send(job, FIRST_ATTEMPT_MAX_WAIT if max_wait is None else max_wait)
     session.expire_all()
     return session.get_one(StopRequest, stop.id), created

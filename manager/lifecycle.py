@@ -3,7 +3,7 @@
 The rules live in manager/callbacks/rules.py; this module stores what they return,
 on every backend: the webhook's callbacks (`apply_optimistically`, `create_task`,
 `apply_callback`), our own stop requests that ZEGOCLOUD accepted
-(`apply_accepted_stop`) and `manager rebuild` (manager/rebuild.py, through `diff` and
+(`apply_accepted_stops`) and `manager rebuild` (manager/rebuild.py, through `diff` and
 `write_back`).
 
 Most deliveries are newer than everything their task has seen; `rules.extend` applies
@@ -622,21 +622,53 @@ def lock_task(conn: Connection, task_pk: int) -> TaskState | None:
     return None if row is None else TaskState(*row)
 
 
-def apply_accepted_stop(conn: Connection, task_pk: int, sequence: int, at: datetime) -> bool:
-    """Move a task on by our stop request that ZEGOCLOUD accepted (already recorded as a
-    successful attempt); True when the task changed."""
-    task = lock_task(conn, task_pk)
-    if task is None:
-        return False
-    change = advance(conn, task, Event(Rank.STOP_REQUEST, sequence, at), stored=True)
-    if change.changed:
-        if change.history.status != task.status:
-            # A re-stop of a task already stopping leaves when it became stopping,
-            # which the stuck report shows and the re-stops wait from.
-            task.updated_at = at
-        task.max_seq = max(task.max_seq, sequence)
-        write_back(conn, task, change)
-    return change.changed
+def apply_accepted_stops(
+    conn: Connection, accepted: Sequence[tuple[int, int]], at: datetime
+) -> int:
+    """Move tasks on by our stop requests that ZEGOCLOUD accepted (already recorded as
+    successful attempts): (task id, Sequence) pairs. Returns how many tasks changed.
+
+    A handful of statements whatever their number: the tasks are locked in one, in id
+    order as every path that locks several does, and written back in one executemany
+    (runs in another). Only a task that `extend` cannot move on alone (rare for a
+    stop) is refolded from its events, on its own.
+    """
+    if not accepted:
+        return 0
+    latest: dict[int, int] = {}
+    for task_pk, sequence in accepted:
+        latest[task_pk] = max(sequence, latest.get(task_pk, sequence))
+    tasks = [TaskState(*row) for row in conn.execute(_LOCK_TASKS, {"task_pks": sorted(latest)})]
+    written: list[dict[str, Any]] = []
+    runs: list[dict[str, Any]] = []
+    for task in tasks:
+        event = Event(Rank.STOP_REQUEST, latest[task.id], at)
+        after = extend(history_of(task), event)
+        if after is None:  # the whole history decides: one task at a time
+            change = advance(conn, task, event, stored=True)
+            if change.changed:
+                write_back(conn, _stop_fields(task, change, latest[task.id], at), change)
+            continue
+        change = extended(history_of(task), after)
+        if change.owner_changed:  # not from a stop, which names no owner; but if so
+            write_back(conn, _stop_fields(task, change, latest[task.id], at), change)
+        elif change.changed:
+            written.append(task_values(_stop_fields(task, change, latest[task.id], at), change))
+            runs += run_rows(task.id, change)
+    if written:
+        conn.execute(_WRITE_BACK_TASK, written)
+    if runs:
+        conn.execute(_UPSERT_RUN[conn.dialect.name], runs)
+    return len(written)
+
+
+def _stop_fields(task: TaskState, change: Change, sequence: int, at: datetime) -> TaskState:
+    if change.history.status != task.status:
+        # A re-stop of a task already stopping leaves when it became stopping,
+        # which the stuck report shows and the re-stops wait from.
+        task.updated_at = at
+    task.max_seq = max(task.max_seq, sequence)
+    return task
 
 
 def _check_retransmission(conn: Connection, cb: Callback, digest: str) -> None:
@@ -947,6 +979,11 @@ _INSERT_DELIVERY_IGNORE = (
 # Every backend.
 TASK_STATE = select(*(_TASKS.c[name] for name in STATE_FIELDS))
 _LOCK_TASK = TASK_STATE.where(_TASKS.c.id == bindparam("task_pk")).with_for_update()
+_LOCK_TASKS = (
+    TASK_STATE.where(_TASKS.c.id.in_(bindparam("task_pks", expanding=True)))
+    .order_by(_TASKS.c.id)
+    .with_for_update()
+)
 _WRITE_BACK_TASK = (
     update(_TASKS)
     .where(_TASKS.c.id == bindparam("task_pk"))

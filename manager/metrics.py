@@ -42,6 +42,18 @@ def count_fold(refolded: bool | None) -> None:
         (_REFOLDED if refolded else _EXTENDED).inc()
 
 
+STOP_WAITS = Counter(
+    "manager_stop_waits_total",
+    "Stop attempts held up for a reason an operator may fix: rate_limit (no share of the"
+    " ZEGOCLOUD rate limit in time) or zego_unreachable (no answer from ZEGOCLOUD)",
+    ["reason"],
+)
+
+
+def count_stop_wait(reason: str, count: int) -> None:
+    STOP_WAITS.labels(reason).inc(count)
+
+
 # The labelled children, looked up once each: labels() takes a lock and builds a key.
 _DELIVERY_COUNTERS: dict[tuple[str, str], Any] = {}
 

@@ -29,6 +29,9 @@ from .db import Base
 
 TASK_STATUSES = ("running", "stopping", "stopped", "failed")
 STOP_STATES = ("queued", "succeeded", "failed")
+# Why a queued stop waits: no share of the rate limit came in time, or ZEGOCLOUD
+# could not be reached on the last attempt.
+WAIT_REASONS = ("rate_limit", "zego_unreachable")
 ATTEMPT_OUTCOMES = ("success", "retryable", "permanent")
 VERDICTS = ("applied", "duplicate", "stale", "rejected")
 
@@ -217,6 +220,7 @@ class StopRequest(Base):
     __tablename__ = "stop_requests"
     __table_args__ = (
         CheckConstraint(_in("state", STOP_STATES), name="state"),
+        CheckConstraint(_in("wait_reason", WAIT_REASONS), name="wait_reason"),
         # At most one queued request per task: a second stop returns the first.
         Index(
             "uq_stop_requests_queued_task",
@@ -249,6 +253,9 @@ class StopRequest(Base):
     last_message: Mapped[str | None] = mapped_column(String(500))
     last_request_id: Mapped[str | None] = mapped_column(String(128))
     completed_at: Mapped[datetime | None] = mapped_column(DateTime)
+    # Why a queued request has not gone out yet, when it is for a reason an operator
+    # may need to fix (WAIT_REASONS); None while it simply waits its turn.
+    wait_reason: Mapped[str | None] = mapped_column(String(32))
 
 
 class StopAttempt(Base):
@@ -273,17 +280,21 @@ class StopAttempt(Base):
     worker: Mapped[str | None] = mapped_column(String(64))
 
 
-class RateLimiter(Base):
-    """Shared pacing of outbound calls: the next free send time, in Unix seconds.
+class RateUnit(Base):
+    """A unit of the shared rate limit: leased by one process at a time (ratelimit.py).
 
-    Every call reserves a slot with one atomic UPDATE, whatever process it runs in,
-    so the calls of all processes together keep the configured spacing.
+    Times are Unix seconds on the database's clock: `lease_until` ends the holder's
+    lease, `free_at` is when another holder's first call may go.
     """
 
-    __tablename__ = "rate_limiters"
+    __tablename__ = "rate_units"
 
-    name: Mapped[str] = mapped_column(String(64), primary_key=True)
-    next_slot: Mapped[float] = mapped_column(Float(precision=53))
+    limiter: Mapped[str] = mapped_column(String(64), primary_key=True)
+    unit: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    calls: Mapped[int] = mapped_column(Integer)
+    holder: Mapped[str | None] = mapped_column(String(32))
+    lease_until: Mapped[float | None] = mapped_column(Float(precision=53))
+    free_at: Mapped[float] = mapped_column(Float(precision=53))
 
 
 class TaskRun(Base):

@@ -265,6 +265,8 @@ def stop_request_json(
         "created_at": iso(stop.created_at),
         "attempts": stop.attempts,
         "next_attempt_at": iso(stop.next_attempt_at) if stop.state == "queued" else None,
+        # Why a queued stop has not gone out, when an operator may need to act.
+        "wait_reason": stop.wait_reason if stop.state == "queued" else None,
         "completed_at": iso(stop.completed_at),
         "zego": {
             "code": stop.last_code,

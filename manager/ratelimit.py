@@ -1,201 +1,361 @@
-"""A rate limit shared by every process: slots reserved with one atomic UPDATE.
+"""A rate limit shared by every process: units of the rate, leased from the database, paced locally.
 
-Each call reserves the next free send time in `rate_limiters` and waits for it.
-Slots are handed out at least `interval` apart, whichever processes take them,
-and times come from the database's clock, so the hosts' clocks need not agree.
+The limit, `rate` calls in any one-second window as ZEGOCLOUD counts them, is cut
+into units (rows of `rate_units`), unit k allowing `calls_k` calls, which add up
+to `rate` (one call each up to 100 units). A process leases the units it needs for
+LEASE seconds, renews them ahead of expiry while it has work, and gives them back
+when idle. It paces its calls on its own monotonic clock; no timing depends on a
+remote clock or on how far away the database is, which only delays the leases.
 
-The bound. Say every call reaches ZEGOCLOUD between L and L + D seconds after its
-slot, for some L. The calls it counts in any one-second window then come from
-slots inside a window of 1 + D seconds, and slots `interval` apart fill such a
-window with at most ceil((1 + D) / interval) of them (`max_calls_in_window`). At
-`interval = 1 / (HEADROOM * rate)` that is at most `rate` whenever
-D <= 1 / HEADROOM - 1 (`spread_budget`): 30.9 ms at HEADROOM 0.97, whatever the
-rate. D is the sum of three spreads, each with its share of the budget:
+The bound. Every call is stamped on the local monotonic clock once its last byte
+has been written (zego/guard.py), and a unit's next call may start writing only
+SPACING after the stamp of the `calls`-th call before it on that unit. Say each
+call is counted by ZEGOCLOUD between L and L + TRANSIT_SPREAD after it was written,
+for some L. Then on each unit the `calls`-th next call is counted at least
+SPACING / (1 + DRIFT) - TRANSIT_SPREAD = 1 second later, so a one-second window
+holds at most `calls_k` of a unit's calls, and at most `rate` in all. Across
+holders the database keeps the order: a unit passes to another process only once
+its holder gave it back (stating when its last call's window ends, on the
+database's clock: `free_at`) or its lease ran out (its holder stopped writing
+before `lease_until`, so the window ends at `lease_until + SPACING`); the new
+holder's first call waits for that. Conversions between the clocks only ever
+err late: a lease is taken to end LEASE after we sent the statement that took it
+(the database read its clock later), and a wait is counted from when its answer
+arrived (after the database read its clock).
 
-- clock: a slot is in database time and turned into this process's monotonic
-  time with an offset measured on the reservations themselves; the error is at
-  most half the round trip of the best recent measurement (CLOCK_ERROR caps it);
-- send: a call goes at or after its slot, and one that would leave more than
-  SEND_TOLERANCE late takes a fresh slot instead (dispatch.py);
-- transit: from our send to the far end counting the call: the network, and the
-  far end's own scheduling (TRANSIT_ALLOWANCE, what is left of the budget).
-
-A call that misses its slot leaves that slot empty, which costs rate but never
-the limit; a bunch of calls is what the limit punishes, so lateness is bounded
-rather than avoided.
+What it costs: each unit gives calls_k / SPACING per second, so all of them
+give `rate` / 1.0256: 97.5 calls/s at 100. A holder that crashes keeps its units
+out of use for LEASE + SPACING at most.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from sqlalchemy import Connection, Engine, select, text
+from sqlalchemy import Engine, bindparam, text
 
-from .models import RateLimiter
-from .sqlutil import insert_ignore_core
+from .models import RateUnit
+from .sqlutil import insert_ignore_rows
 
-# Pace a little below the limit: the 3 % gap buys the 30.9 ms spread budget above,
-# and leaves 97 calls/s, above the 95/s a bulk stop must sustain.
-HEADROOM = 0.97
-# How late after its slot a call may still leave; a later one takes a fresh slot,
-# which costs about 10 ms of rate. Measured on the 2-core bench host at load
-# average 2-3 (bench/stops.py, 5,000 calls from sender processes): 99 % leave
-# within 3-8 ms of their slots, the worst 10.4 ms, so at 10 ms a run of 1,000
-# misses 0-2 slots. (Sender threads sharing a process with the database work
-# missed 37 in a run at load 4: see worker.ProcessSenders.)
-SEND_TOLERANCE = 0.010
-# The error allowed in placing a database-time slot on this host's clock. The
-# offset is measured again when its bound passes half of this (a round trip of
-# a millisecond or two on a quiet database); a process whose bound still exceeds
-# it narrows its send window by the excess on both sides (Dispatcher.send_window).
-# Measured: at most 1.1 ms. It counts twice in the spread: two processes may err
-# in opposite directions.
-CLOCK_ERROR = 0.002
-# What is left for the network and the far end's own handling until it counts a
-# call: 30.9 - 10 - 2 x 2 = 16.9 ms. Measured against the fake on the same host:
-# 99 % within 5-7 ms, the worst 6-17 ms, once 27 ms; the whole spread, slot to
-# count, was 10-21 ms in five runs and once 31 ms: that 27 ms pause at the far
-# end, which no sender can prevent (it still saw at most 99 calls in a second).
-
-
-def spread_budget(headroom: float = HEADROOM) -> float:
-    """The largest arrival spread D (seconds) that can never put `rate` + 1 calls in a second."""
-    return 1.0 / headroom - 1.0
-
-
-def max_calls_in_window(rate: int, headroom: float, spread: float, window: float = 1.0) -> int:
-    """The most arrivals any half-open `window` can hold, slots at 1/(headroom*rate), spread D."""
-    # A tiny relative epsilon keeps exact multiples (1.0 / interval) from rounding up.
-    return math.ceil((window + spread) * headroom * rate * (1 - 1e-12))
-
-
-TRANSIT_ALLOWANCE = spread_budget() - SEND_TOLERANCE - 2 * CLOCK_ERROR
+# How much later than its write ZEGOCLOUD may count one call than another: the
+# network's jitter and the far end's own scheduling. Measured against the fake on
+# the 2-core bench host (bench/stops.py), write to count: 99 % within 2 ms, the
+# worst under 20 ms with the host fully loaded.
+TRANSIT_SPREAD = 0.025
+# How fast a monotonic clock may run against true time (NTP slews at most 500 ppm).
+DRIFT = 0.0005
+# Local seconds between a unit's call and its `calls`-th successor: one true second
+# plus the spread, on a clock that may run fast by DRIFT.
+SPACING = (1.0 + TRANSIT_SPREAD) * (1.0 + DRIFT)
+# How long a unit is leased for, and how much of the lease may be left before it is
+# renewed: renewals go out at least 2.5 s ahead, far more than a slow database takes.
+LEASE = 5.0
+RENEW_AHEAD = 2.5
+# Taken off the local end of a lease: the database's clock resolution (SQLite's is
+# a millisecond) and the drift over a lease, with room to spare.
+LEASE_MARGIN = 0.01
+MAX_UNITS = 100
+# A process starts its calls at least this share of their average interval apart
+# (SPACING / the calls its units allow). Not needed for the bound: it keeps units
+# taken together from firing together, since a burst waits in the far end's queue
+# and is counted late, which eats into TRANSIT_SPREAD.
+SMOOTHING = 0.5
+_LEASES = itertools.count(1)
 
 _NOW = {
     "postgresql": "extract(epoch from clock_timestamp())",
     "sqlite": "((julianday('now') - 2440587.5) * 86400.0)",
 }
 _GREATEST = {"postgresql": "GREATEST", "sqlite": "MAX"}
-# How finely each database tells the time (SQLite's 'now' is in whole milliseconds).
+# A unit's free_at may be no earlier than this after the database read its clock,
+# whose reading may lag the true time by its resolution.
 _RESOLUTION = {"postgresql": 1e-6, "sqlite": 1e-3}
-# How fast this host's monotonic clock may drift from the database's clock
-# (NTP slews at most 500 ppm): an old offset measurement loses this much trust a second.
-DRIFT = 0.0005
+
+
+def unit_calls(rate: int) -> list[int]:
+    """How many calls per second each unit of `rate` allows: `rate` units of one, up to
+    MAX_UNITS; above that MAX_UNITS units sharing the rate as evenly as whole calls can."""
+    units = min(rate, MAX_UNITS)
+    base, extra = divmod(rate, units)
+    return [base + 1 if k < extra else base for k in range(units)]
 
 
 @dataclass
-class ClockOffset:
-    """Database time minus local monotonic time, from the tightest recent measurement.
+class Unit:
+    """A leased unit as its holder keeps it; times are on the holder's monotonic clock."""
 
-    A reservation is one round trip: the database read its clock somewhere between
-    our send and our receipt, so `db_now - midpoint` errs by at most half the round
-    trip. The best measurement wins, its error growing with age at DRIFT.
+    number: int
+    calls: int
+    lease_end: float  # no call on this unit may start writing at or after it
+    not_before: float  # the previous holder's calls have left the window by then
+    sent: deque[float] = field(default_factory=deque)  # stamps of its latest `calls` calls
+    busy: bool = False  # checked out for a call that has not been stamped yet
+    used_at: float = -math.inf
+    # Which lease of the unit this is: a grant from a lease that lapsed (and was taken
+    # again) must not check in the new one.
+    lease_no: int = field(default_factory=lambda: next(_LEASES))
+
+    def ready_at(self) -> float:
+        """When the unit may start its next call (ignoring its lease)."""
+        if len(self.sent) < self.calls:
+            return self.not_before
+        return max(self.not_before, self.sent[0] + SPACING)
+
+    def clear_at(self) -> float:
+        """When every call of this holder has left the window: another holder's first may go."""
+        return max(self.not_before, self.sent[-1] + SPACING if self.sent else -math.inf)
+
+    def usable(self, now: float) -> bool:
+        return not self.busy and self.ready_at() <= now < self.lease_end
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A unit checked out for one call: the call must start writing before `deadline`."""
+
+    unit: int
+    deadline: float
+    lease_no: int = 0
+
+
+class RateShare:
+    """This process's share of the limit: the units it holds, and their pacing.
+
+    Thread-safe: sender threads check units out and in, while one thread at a time
+    acquires, renews and releases them (one statement each).
     """
 
-    resolution: float = 0.0
-    offset: float = 0.0
-    error: float = math.inf
-    measured_at: float = -math.inf
-
-    def current_error(self, now: float) -> float:
-        return self.error + DRIFT * max(0.0, now - self.measured_at)
-
-    def update(self, db_now: float, sent: float, received: float) -> None:
-        error = (received - sent) / 2 + self.resolution
-        if error <= self.current_error(received):
-            self.offset = db_now - (sent + received) / 2
-            self.error = error
-            self.measured_at = received
-
-
-class SharedRateLimiter:
     def __init__(
         self,
         engine: Engine,
         name: str,
         rate: int,
         *,
-        headroom: float = HEADROOM,
-        monotonic: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.monotonic,
+        db_clock: Callable[[], float] | None = None,
     ) -> None:
         self._engine = engine
-        self.name = name
+        # Units are cut per rate: processes configured with different rates use
+        # different units (so change ZEGO_RATE_LIMIT on every process at once).
+        self.limiter = f"{name}:{rate}"
         self.rate = rate
-        self.interval = 1.0 / (rate * headroom)
-        self._monotonic = monotonic
+        # A new holder per share, never a process name: a restarted container has the
+        # same host name and pid, but not its predecessor's record of when it sent.
+        self.holder = secrets.token_hex(8)
+        self._clock = clock
+        self._units: dict[int, Unit] = {}
+        self._last_start = -math.inf
+        self._changed = threading.Condition()
+        self._rows_exist = False
         dialect = engine.dialect.name
-        self._clock = ClockOffset(resolution=_RESOLUTION[dialect])
-        self._lock = threading.Lock()
-        now, greatest = _NOW[dialect], _GREATEST[dialect]
-        # Only per-dialect constants are formatted in; every value is a bound parameter.
-        sql = " ".join(
-            [
-                f"UPDATE rate_limiters SET next_slot = {greatest}(next_slot, {now}) + :span",  # noqa: S608
-                f"WHERE name = :name AND next_slot <= {now} + :max_wait",
-                f"RETURNING next_slot - :span, {now}",
-            ]
+        self._resolution = _RESOLUTION[dialect]
+        # Simulations give the database's clock as a parameter; the service never does.
+        self._db_clock = db_clock
+        now = ":db_now" if db_clock is not None else _NOW[dialect]
+        greatest = _GREATEST[dialect]
+        skip_locked = " FOR UPDATE SKIP LOCKED" if dialect == "postgresql" else ""
+        free = f"(holder IS NULL OR lease_until < {now})"
+        # After a lapsed lease its holder may have written until lease_until.
+        effective_free_at = (
+            f"CASE WHEN holder IS NULL THEN free_at "
+            f"ELSE {greatest}(free_at, lease_until + :spacing) END"
         )
-        self._reserve = text(sql)
-        self._now = text(f"SELECT {now}")  # noqa: S608
+        # Only per-dialect constants are formatted in; every value is a bound parameter.
+        # The pick is a CTE, run once: as an IN (subquery) PostgreSQL may run it again
+        # for every row (clock_timestamp() is volatile), taking far more than `count`.
+        self._acquire = text(
+            f"""WITH pick AS (
+                SELECT unit FROM rate_units WHERE limiter = :limiter AND {free}
+                ORDER BY {effective_free_at}, unit LIMIT :count{skip_locked})
+            UPDATE rate_units SET holder = :holder, lease_until = {now} + :lease,
+                free_at = {effective_free_at}
+            WHERE limiter = :limiter AND {free} AND unit IN (SELECT unit FROM pick)
+            RETURNING unit, calls, free_at - {now}"""  # noqa: S608
+        )
+        self._renew = text(
+            f"UPDATE rate_units SET lease_until = {now} + :lease "  # noqa: S608
+            "WHERE limiter = :limiter AND holder = :holder AND unit IN :units RETURNING unit"
+        ).bindparams(bindparam("units", expanding=True))
+        self._release = text(
+            "UPDATE rate_units SET holder = NULL, lease_until = NULL, "  # noqa: S608
+            f"free_at = {greatest}(free_at, {now} + :wait) "
+            "WHERE limiter = :limiter AND unit = :unit AND holder = :holder"
+        )
 
-    def reserve(self, max_wait: float) -> float | None:
-        """The monotonic time at which the reserved call may go; None if beyond max_wait."""
-        slots = self.reserve_many(1, max_wait)
-        return None if slots is None else slots[0]
+    # -- the database: one statement each --------------------------------------------
 
-    def reserve_many(self, count: int, max_wait: float) -> list[float] | None:
-        """Reserve `count` consecutive slots in one statement: their local monotonic times.
+    def acquire(self, count: int) -> int:
+        """Lease up to `count` more units, the soonest free first; returns how many came."""
+        if count <= 0:
+            return 0
+        self._ensure_rows()
+        params = {"holder": self.holder, "lease": LEASE, "spacing": SPACING}
+        params |= {"limiter": self.limiter, "count": count}
+        sent = self._clock()
+        with self._engine.connect() as conn:
+            rows = conn.execute(self._acquire, self._with_now(params)).all()
+            conn.commit()
+        received = self._clock()
+        lease_end = sent + LEASE * (1 - DRIFT) - LEASE_MARGIN
+        with self._changed:
+            for number, calls, wait in rows:
+                self._units[number] = Unit(
+                    number, calls, lease_end, received + max(0.0, wait) * (1 + DRIFT)
+                )
+            self._changed.notify_all()
+        return len(rows)
 
-        None when the first free slot lies more than max_wait ahead.
-        """
-        params = {"span": count * self.interval, "name": self.name, "max_wait": max_wait}
-        with self._engine.begin() as conn:
-            self._measure_clock(conn)
-            sent = self._monotonic()
-            row = conn.execute(self._reserve, params).first()
-            received = self._monotonic()
-            if row is None:
-                # Either the slots are taken too far ahead, or this is the limiter's first
-                # use: create its row (or wait for whoever is creating it) and ask again.
-                if not self._exists(conn):
-                    insert_ignore_core(
-                        conn, RateLimiter, {"name": self.name, "next_slot": 0.0}, ["name"]
-                    )
-                sent = self._monotonic()
-                row = conn.execute(self._reserve, params).first()
-                received = self._monotonic()
-        if row is None:
+    def renew(self) -> int:
+        """Extend the lease of every unit held; returns how many are still held."""
+        with self._changed:
+            numbers = list(self._units)
+        if not numbers:
+            return 0
+        params = {"lease": LEASE, "limiter": self.limiter, "holder": self.holder}
+        sent = self._clock()
+        with self._engine.connect() as conn:
+            kept = {
+                row[0]
+                for row in conn.execute(self._renew, self._with_now(params | {"units": numbers}))
+            }
+            conn.commit()
+        lease_end = sent + LEASE * (1 - DRIFT) - LEASE_MARGIN
+        with self._changed:
+            for number in numbers:
+                unit = self._units.get(number)
+                if unit is None:
+                    continue
+                if number in kept:
+                    unit.lease_end = max(unit.lease_end, lease_end)
+                elif not unit.busy:
+                    # Taken by another holder after our lease ran out (we sent nothing since).
+                    del self._units[number]
+            self._changed.notify_all()
+            return len(self._units)
+
+    def release(self, idle_for: float = 0.0) -> int:
+        """Give back the units not in use and unused for `idle_for` seconds; how many went."""
+        now = self._clock()
+        with self._changed:
+            going = [
+                unit
+                for unit in self._units.values()
+                if not unit.busy and now - unit.used_at >= idle_for
+            ]
+            for unit in going:
+                del self._units[unit.number]  # no call may start on them from here on
+        if not going:
+            return 0
+        sent = self._clock()
+        # The database reads its clock after `sent`: a wait counted from then ends late.
+        rows = [
+            self._with_now(
+                {
+                    "limiter": self.limiter,
+                    "unit": unit.number,
+                    "holder": self.holder,
+                    "wait": max(0.0, unit.clear_at() - sent) + self._resolution,
+                }
+            )
+            for unit in going
+        ]
+        with self._engine.connect() as conn:
+            conn.execute(self._release, rows)
+            conn.commit()
+        return len(going)
+
+    def _ensure_rows(self) -> None:
+        if self._rows_exist:
+            return
+        rows = [
+            {"limiter": self.limiter, "unit": k, "calls": calls, "free_at": 0.0}
+            for k, calls in enumerate(unit_calls(self.rate))
+        ]
+        with self._engine.connect() as conn:
+            insert_ignore_rows(conn, RateUnit, rows)
+            conn.commit()
+        self._rows_exist = True
+
+    def _with_now(self, params: dict[str, object]) -> dict[str, object]:
+        if self._db_clock is not None:
+            params["db_now"] = self._db_clock()
+        return params
+
+    # -- this process: pacing on the local clock ---------------------------------------
+
+    def held(self) -> int:
+        with self._changed:
+            return len(self._units)
+
+    def calls_per_second(self) -> float:
+        """What the units held allow, all together."""
+        with self._changed:
+            return sum(unit.calls for unit in self._units.values()) / SPACING
+
+    def renew_due(self) -> bool:
+        """True when some unit held has less than RENEW_AHEAD of its lease left."""
+        now = self._clock()
+        with self._changed:
+            return any(unit.lease_end - now < RENEW_AHEAD for unit in self._units.values())
+
+    def try_checkout(self) -> Grant | None:
+        """A unit that may start a call now, marked busy; None if none may."""
+        with self._changed:
+            return self._checkout(self._clock())
+
+    def checkout(self, until: float) -> Grant | None:
+        """Wait, up to the monotonic time `until`, for a unit that may start a call now."""
+        with self._changed:
+            while True:
+                now = self._clock()
+                grant = self._checkout(now)
+                if grant is not None or now >= until:
+                    return grant
+                self._changed.wait(min(until, self._next_ready(now)) - now)
+
+    def finish(self, grant: Grant, written_at: float | None) -> None:
+        """Check a unit back in: `written_at` is when the call's last byte left, None if
+        nothing was sent. When it cannot be known, pass the time the call returned."""
+        with self._changed:
+            unit = self._units.get(grant.unit)
+            if unit is not None and unit.lease_no == grant.lease_no:
+                unit.busy = False
+                if written_at is not None:
+                    if len(unit.sent) == unit.calls:
+                        unit.sent.popleft()
+                    unit.sent.append(written_at)
+                    unit.used_at = written_at
+            self._changed.notify_all()
+
+    def _smoothed(self) -> float:
+        """When this process may start its next call, whatever its units allow."""
+        calls = sum(unit.calls for unit in self._units.values())
+        return self._last_start + SMOOTHING * SPACING / max(1, calls)
+
+    def _checkout(self, now: float) -> Grant | None:
+        if now < self._smoothed():
             return None
-        first, db_now = float(row[0]), float(row[1])
-        with self._lock:
-            self._clock.update(db_now, sent, received)
-            offset = self._clock.offset
-        return [first + i * self.interval - offset for i in range(count)]
+        best = None
+        for unit in self._units.values():
+            if unit.usable(now) and (best is None or unit.ready_at() < best.ready_at()):
+                best = unit
+        if best is None:
+            return None
+        best.busy = True
+        self._last_start = now
+        return Grant(best.number, best.lease_end, best.lease_no)
 
-    def clock_error(self) -> float:
-        """The current bound on this process's error in placing a slot, in seconds."""
-        with self._lock:
-            return self._clock.current_error(self._monotonic())
-
-    def _measure_clock(self, conn: Connection) -> None:
-        """Read the database clock until the offset is known to within CLOCK_ERROR.
-
-        Cheap once known: one SELECT only when the best measurement has aged or is poor.
-        """
-        for _ in range(5):
-            with self._lock:
-                if self._clock.current_error(self._monotonic()) <= CLOCK_ERROR / 2:
-                    return
-            sent = self._monotonic()
-            db_now = float(conn.execute(self._now).scalar_one())
-            received = self._monotonic()
-            with self._lock:
-                self._clock.update(db_now, sent, received)
-
-    def _exists(self, conn: Connection) -> bool:
-        query = select(RateLimiter.name).where(RateLimiter.name == self.name)
-        return conn.execute(query).first() is not None
+    def _next_ready(self, now: float) -> float:
+        """When the next unit becomes usable, at most 0.1 s ahead (leases change meanwhile)."""
+        soonest = now + 0.1
+        for unit in self._units.values():
+            if not unit.busy and unit.ready_at() < unit.lease_end:
+                soonest = min(soonest, max(now, unit.ready_at()))
+        return max(soonest, self._smoothed(), now + 0.0005)

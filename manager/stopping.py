@@ -29,7 +29,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from .errors import ApiError
-from .lifecycle import ENDED, apply_accepted_stop
+from .lifecycle import ENDED, apply_accepted_stops
 from .models import Delivery, StopAttempt, StopBatch, StopRequest, Task
 from .sqlutil import insert_for, insert_ignore
 from .zego.client import BAD_INPUT, ZegoReply
@@ -38,6 +38,11 @@ RESTOP_AFTER = timedelta(seconds=120)
 MAX_RESTOPS = 3
 RESTOP_BY = "worker"
 MAX_BULK_TASKS = 10_000
+# What each of models.WAIT_REASONS means, as the CLI and the dashboard say it.
+WAIT_REASON_TEXT = {
+    "rate_limit": "no share of the ZEGOCLOUD rate limit came in time",
+    "zego_unreachable": "ZEGOCLOUD did not answer the last attempt",
+}
 # The predicate of the partial unique index, as a literal: PostgreSQL infers the
 # ON CONFLICT target from it, which a bound parameter would defeat.
 QUEUED_ONLY = literal_column("state = 'queued'", Boolean)
@@ -242,20 +247,26 @@ def settle_ended(session: Session, now: datetime) -> int:
     return len(ids)
 
 
-def release(session: Session, stop_request_id: int, claimant: str) -> None:
-    """Give a claimed request back to the queue untouched (e.g. no rate slot in time).
+def release(
+    session: Session, stop_request_ids: Sequence[int], claimant: str, reason: str | None = None
+) -> None:
+    """Give claimed requests back to the queue, saying why they wait (`reason`, one of
+    WAIT_REASONS) when it is worth an operator's attention.
 
     Only while the claim is still the caller's: after its lease expired another
     process may hold the request, and clearing that claim would let a third send it.
     """
+    if not stop_request_ids:
+        return
     session.execute(
         update(StopRequest)
         .where(
-            StopRequest.id == stop_request_id,
+            StopRequest.id.in_(stop_request_ids),
             StopRequest.state == "queued",
             StopRequest.claimed_by == claimant,
         )
-        .values(claimed_until=None, claimed_by=None)
+        .values(claimed_until=None, claimed_by=None, wait_reason=reason)
+        .execution_options(synchronize_session=False)
     )
 
 
@@ -312,6 +323,8 @@ def record_attempts(
             state = "queued"
             next_attempt_at = now + timedelta(seconds=policy.delay(count, rng))
         states.append(state)
+        # No answer at all (refused connection, timeout): the operator may have to act.
+        unreachable = state == "queued" and reply.http_status is None and reply.code is None
         requests.append(
             {
                 "b_id": job.stop_request_id,
@@ -323,6 +336,7 @@ def record_attempts(
                 "b_request_id": reply.request_id,
                 "b_completed_at": None if state == "queued" else now,
                 "b_next_attempt_at": next_attempt_at,
+                "b_wait_reason": "zego_unreachable" if unreachable else None,
             }
         )
     session.execute(_INSERT_ATTEMPT, attempts)
@@ -334,8 +348,7 @@ def record_attempts(
 
 def _apply_accepted(session: Session, accepted: Sequence[tuple[int, int]], now: datetime) -> None:
     """Each accepted stop (request id, Sequence) is an event of its task: the rules move
-    the task on (to stopping, unless a newer callback says otherwise). Tasks are locked
-    in id order, as every other path that locks several does."""
+    the task on (to stopping, unless a newer callback says otherwise)."""
     task_of: dict[int, int] = {
         stop_id: task_pk
         for stop_id, task_pk in session.execute(
@@ -344,9 +357,8 @@ def _apply_accepted(session: Session, accepted: Sequence[tuple[int, int]], now: 
             )
         )
     }
-    conn = session.connection()
-    for task_pk, sequence in sorted((task_of[stop_id], seq) for stop_id, seq in accepted):
-        apply_accepted_stop(conn, task_pk, sequence, now)
+    stops = [(task_of[stop_id], sequence) for stop_id, sequence in accepted]
+    apply_accepted_stops(session.connection(), stops, now)
 
 
 def _overtaken(session: Session, jobs: Sequence[Job]) -> set[int]:
@@ -387,6 +399,7 @@ _UPDATE_REQUEST = (
         next_attempt_at=func.coalesce(bindparam("b_next_attempt_at"), _requests.next_attempt_at),
         claimed_until=None,
         claimed_by=None,
+        wait_reason=bindparam("b_wait_reason"),
     )
 )
 

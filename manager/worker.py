@@ -1,265 +1,151 @@
 """`manager worker`: sends queued stop requests within the shared rate limit.
 
 Several workers (and app processes) may run against one database: work is
-claimed under a lease, so no request is sent by two of them at once.
+claimed under a lease, so no request is sent by two of them at once, and the rate
+limit is shared through leased units (ratelimit.py).
+
+Threads share the work, so that no database round trip holds up another kind of
+work: with the database 50 ms away a transaction takes a few hundred milliseconds.
+- the main thread claims due requests, CLAIM_AHEAD seconds of the units' rate;
+- the keeper keeps the units of the rate leased: renews them ahead of expiry, takes
+  more while claimed work waits, gives idle ones back, and returns to the queue
+  the work that found no unit within `patience`;
+- the recorder stores the answers, in batches of whatever came meanwhile;
+- the pacer hands each claimed job to a sender as soon as a unit may start a call;
+- the senders (a pool as large as the calls that may be in flight at once) sign,
+  send and wait for ZEGOCLOUD's answer, so a slow answer holds up nothing else.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import multiprocessing
 import queue
-import signal
-import sys
 import threading
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
-from typing import Protocol
 
 from .db import write_transaction
-from .dispatch import Dispatcher, log_call, send_in_window
+from .dispatch import Dispatcher, log_call, send_on_unit
 from .housekeeping import prune_nonces
 from .lifecycle import utcnow
+from .ratelimit import Grant, unit_calls
 from .stopping import Job, claim_due, queue_restop, release, stuck_stopping
-from .zego.client import ClientConfig, ZegoClient, ZegoReply
+from .zego.client import ZegoReply
 
 log = logging.getLogger(__name__)
 
-# Keep this worker's reserved slots at least this far ahead of now, so that a slow
-# pass of the claiming thread (a busy database, a loaded host) never leaves the
-# limiter idle. An operator's own stop waits behind at most about this much.
-LOOKAHEAD = 0.25
-# Answers are recorded in batches, at least this often.
+# Calls a worker may have in flight at once, by default: 100 calls/s with ZEGOCLOUD
+# answering within about 600 ms. Each is a thread and a pooled connection.
+DEFAULT_THREADS = 64
+# Answers are recorded in batches, at least this often...
 RECORD_EVERY = 0.25
-# Sender threads wake for their slots: a short switch interval hands them the GIL
-# soon after, whatever else their process is doing.
-SWITCH_INTERVAL = 0.0005
-STARTUP_TIMEOUT = 60.0
-READY = "ready"
+# ...or as soon as this many wait.
+RECORD_BATCH = 64
+# How often the keeper looks at the units and the waiting work.
+KEEP_EVERY = 0.05
+# Claimed work kept ready for the pacer: this many seconds of the units' rate...
+CLAIM_AHEAD = 2.0
+# ...and at least this many requests: a worker without units claims a few to ask for some.
+MIN_CLAIM = 8
+# A claimed request that finds no unit of the rate for this long goes back to the
+# queue (another process may hold the units) saying why it waits.
+PATIENCE = 5.0
+# A unit unused this long, while no claimed request waits, goes back to the database.
+IDLE_RETURN = 0.5
+# After asking for units and getting none, wait this long before asking again.
+ACQUIRE_BACKOFF = 0.25
+TIDY_EVERY = 5.0
 
 
 @dataclass(frozen=True)
-class Slotted:
-    """A claimed job, when it may leave (monotonic times), and when its claim must be let go."""
+class Waiting:
+    """A claimed request waiting for a unit; given back to the queue at `give_up_at`."""
 
     job: Job
-    earliest: float
-    latest: float
-    send_by: float
+    give_up_at: float
 
 
 @dataclass(frozen=True)
 class Sent:
-    """What became of a slotted job: ZEGOCLOUD's reply, or None when it missed its slot."""
+    """What became of a job handed to a sender: its reply, or None when it was not sent
+    (`sent` False: the unit's lease ran out first) or its fate is unknown (a bug)."""
 
-    item: Slotted
+    job: Job
     reply: ZegoReply | None
-    late: float
-
-
-class SenderDied(Exception):
-    """The sender process is gone; what it held stays claimed until the leases run out."""
-
-
-class Senders(Protocol):
-    def submit(self, item: Slotted) -> None: ...
-    def take(self, timeout: float | None) -> list[Sent]: ...
-    def close(self) -> None: ...
-
-
-class ThreadSenders:
-    """Sender threads: each takes the next slotted job, signs it, waits and sends it,
-    so a slow answer never makes the next call late."""
-
-    def __init__(self, client: ZegoClient, threads: int) -> None:
-        self._client = client
-        self._jobs: queue.SimpleQueue[Slotted | None] = queue.SimpleQueue()
-        self._sent: queue.SimpleQueue[Sent] = queue.SimpleQueue()
-        self._threads = [
-            threading.Thread(target=self._send_loop, name=f"stop-sender-{i}", daemon=True)
-            for i in range(threads)
-        ]
-        for thread in self._threads:
-            thread.start()
-
-    def _send_loop(self) -> None:
-        while (item := self._jobs.get()) is not None:
-            try:
-                reply, late = send_in_window(self._client, item.job, item.earliest, item.latest)
-            except Exception:  # a bug worth seeing; the lease returns the job to the queue
-                log.exception("stop attempt failed")
-                reply, late = None, 0.0
-            self._sent.put(Sent(item, reply, late))
-
-    def submit(self, item: Slotted) -> None:
-        self._jobs.put(item)
-
-    def take(self, timeout: float | None) -> list[Sent]:
-        """What the senders finished, waiting up to `timeout` (None: forever) for the first."""
-        taken: list[Sent] = []
-        try:
-            if timeout is not None and timeout <= 0:
-                taken.append(self._sent.get_nowait())
-            else:
-                taken.append(self._sent.get(timeout=timeout))
-            while True:
-                taken.append(self._sent.get_nowait())
-        except queue.Empty:
-            return taken
-
-    def close(self) -> None:
-        """Let every submitted job go (or miss its slot), then stop the threads."""
-        for _ in self._threads:
-            self._jobs.put(None)
-        for thread in self._threads:
-            thread.join()
-
-
-class ProcessSenders:
-    """ThreadSenders in a child process of their own, reached through two pipes.
-
-    The claiming thread's database work holds its process's GIL for a millisecond
-    or more at a time, and on a busy host the scheduler may pause it there; a sender
-    thread of the same process then waits for the GIL and misses its slot, or worse,
-    sends late. A child that only waits and sends shares its GIL with no such work.
-    """
-
-    def __init__(self, config: ClientConfig, threads: int) -> None:
-        context = multiprocessing.get_context("spawn")
-        child_jobs, self._jobs = context.Pipe(duplex=False)
-        self._sent, child_sent = context.Pipe(duplex=False)
-        self._process = context.Process(
-            target=_sender_process,
-            args=(child_jobs, child_sent, config, threads),
-            name="stop-sender",
-            daemon=True,
-        )
-        self._process.start()
-        child_jobs.close()
-        child_sent.close()
-        # No slot is reserved before the child can send in it (it starts in about a second).
-        if not self._sent.poll(STARTUP_TIMEOUT) or self._sent.recv() != READY:
-            self.close()
-            raise SenderDied("the sender process did not start")
-
-    def submit(self, item: Slotted) -> None:
-        try:
-            self._jobs.send(item)
-        except OSError as exc:
-            raise SenderDied("the sender process is gone") from exc
-
-    def take(self, timeout: float | None) -> list[Sent]:
-        taken: list[Sent] = []
-        try:
-            ready = self._sent.poll(None if timeout is None else max(0.0, timeout))
-            while ready:
-                taken.append(self._sent.recv())
-                ready = self._sent.poll(0)
-        except (EOFError, OSError) as exc:
-            if not taken:
-                raise SenderDied("the sender process is gone") from exc
-        return taken
-
-    def close(self) -> None:
-        """Stop the child once it has sent (or dropped) what it holds."""
-        try:
-            self._jobs.send(None)
-        except OSError:
-            pass
-        self._process.join(timeout=30)
-        if self._process.is_alive():
-            self._process.kill()
-            self._process.join()
-        self._jobs.close()
-        self._sent.close()
-
-
-def _sender_process(jobs: Connection, sent: Connection, config: ClientConfig, threads: int) -> None:
-    """The sender child: slotted jobs in through one pipe, what became of them out the other."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent says when to stop
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    sys.setswitchinterval(SWITCH_INTERVAL)
-    senders = ThreadSenders(config.make(), threads)
-    closed = threading.Event()
-    sent.send(READY)
-
-    def forward() -> None:
-        while True:
-            taken = senders.take(0.05)
-            for item in taken:
-                sent.send(item)
-            if closed.is_set() and not taken:
-                return
-
-    forwarder = threading.Thread(target=forward, name="stop-sender-results")
-    forwarder.start()
-    try:
-        while (item := jobs.recv()) is not None:
-            senders.submit(item)
-    except EOFError:  # the parent is gone
-        pass
-    senders.close()
-    closed.set()
-    forwarder.join()
+    sent: bool
 
 
 class StopWorker:
-    """Claims due stop requests, reserves their rate slots ahead, and sends each in its slot.
-
-    One thread claims, reserves slots in batches (one statement per batch) and records
-    answers in batches; the senders (threads, or threads in a process of their own)
-    sign each job, wait for its slot and send it. A call that misses its slot comes
-    back to be given a fresh one.
-    """
+    """Claims due stop requests and sends each as soon as a leased unit of the rate allows."""
 
     def __init__(
         self,
         dispatcher: Dispatcher,
-        threads: int = 4,
-        batch: int = 16,
+        threads: int = DEFAULT_THREADS,
+        batch: int = MIN_CLAIM,
         *,
-        separate_process: bool = False,
+        patience: float = PATIENCE,
         nonce_max_age: int | None = None,
     ) -> None:
         self.dispatcher = dispatcher
+        self.share = dispatcher.limiter
+        self.batch = batch
+        self.patience = patience
         # CALLBACK_MAX_AGE, to keep the nonce ledger to its window; None leaves it be.
         self.nonce_max_age = nonce_max_age
-        self.threads = threads
-        self.batch = batch
-        self.separate_process = separate_process
-        # A claimed job may wait for its slot for up to half of its lease.
-        self._patience = dispatcher.policy.lease.total_seconds() / 2
-        self._unslotted: list[tuple[Job, float]] = []  # (job, send_by)
+        self._units_total = len(unit_calls(self.share.rate))
+        self._pending: deque[Waiting] = deque()
+        self._changed = threading.Condition()
+        self._in_flight = 0
+        self._closing = False
+        self._results: queue.SimpleQueue[Sent] = queue.SimpleQueue()
         self._answers: list[tuple[Job, ZegoReply]] = []
         self._oldest_answer = math.inf
-        self._outstanding = 0  # handed to the senders, not back yet
-        self._last_slot = -math.inf
-        self._senders = self._start_senders()
+        self._next_acquire = -math.inf
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="stop-sender")
+        self._pacer = threading.Thread(target=self._pace, name="stop-pacer", daemon=True)
+        self._pacer.start()
 
-    def _start_senders(self) -> Senders:
-        if self.separate_process:
-            return ProcessSenders(self.dispatcher.client_config, self.threads)
-        return ThreadSenders(self.dispatcher.client, self.threads)
+    # -- the pacer and the senders -------------------------------------------------------
 
-    def _restart_senders(self) -> None:
-        # What the dead process held stays claimed until the leases expire, then goes
-        # out again with a new Sequence: whether it was sent cannot be known.
-        log.error("sender process died holding %d calls; starting another", self._outstanding)
-        self._outstanding = 0
-        self._senders.close()
-        self._senders = self._start_senders()
+    def _pace(self) -> None:
+        """Hand the next waiting job to a sender whenever a unit may start a call."""
+        while True:
+            with self._changed:
+                while not self._pending and not self._closing:
+                    self._changed.wait()
+                if self._closing:
+                    return
+            grant = self.share.checkout(time.monotonic() + 0.1)
+            if grant is None:
+                continue
+            with self._changed:
+                if not self._pending or self._closing:
+                    self.share.finish(grant, None)
+                    continue
+                job = self._pending.popleft().job
+                self._in_flight += 1
+            self._pool.submit(self._send, job, grant)
 
-    def requeue_stuck(self) -> None:
+    def _send(self, job: Job, grant: Grant) -> None:
+        try:
+            reply = send_on_unit(self.dispatcher.client, self.share, job, grant)
+            self._results.put(Sent(job, reply, reply is not None))
+        except Exception:  # a bug worth seeing; the claim's lease returns the request later
+            log.exception("stop attempt failed: task=%s seq=%s", job.task_id, job.sequence)
+            self._results.put(Sent(job, None, True))
+
+    # -- the main thread: the database ------------------------------------------------------
+
+    def tidy(self) -> None:
+        """Re-queue stuck tasks, and keep the nonce ledger to its window."""
         with write_transaction(self.dispatcher.sessions) as session:
             for task in stuck_stopping(session, utcnow()):
                 if queue_restop(session, task, utcnow()):
                     log.warning("task %s still stopping: queued another stop", task.task_id)
-
-    def tidy(self) -> None:
-        """Re-queue stuck tasks, and keep the nonce ledger to its window."""
-        self.requeue_stuck()
         if self.nonce_max_age is not None:
             with write_transaction(self.dispatcher.sessions) as session:
                 pruned = prune_nonces(session, utcnow(), self.nonce_max_age)
@@ -267,69 +153,78 @@ class StopWorker:
                 log.info("deleted %d callback nonces older than the freshness window", pruned)
 
     def claim(self, limit: int) -> int:
-        """Claim up to `limit` due requests, to be slotted; returns how many."""
+        """Claim up to `limit` due requests for the pacer; returns how many."""
         policy = self.dispatcher.policy
         with write_transaction(self.dispatcher.sessions) as session:
             jobs = claim_due(
                 session, claimant=self.dispatcher.name, limit=limit, policy=policy, now=utcnow()
             )
-        send_by = time.monotonic() + self._patience
-        self._unslotted += [(job, send_by) for job in jobs]
+        give_up_at = time.monotonic() + self.patience
+        with self._changed:
+            self._pending.extend(Waiting(job, give_up_at) for job in jobs)
+            self._changed.notify_all()
         return len(jobs)
 
-    def slot_claimed(self) -> None:
-        """Reserve slots for the claimed jobs (one statement) and hand them to the senders."""
-        if not self._unslotted:
-            return
-        now = time.monotonic()
-        expired = [job for job, send_by in self._unslotted if send_by <= now]
-        waiting = [(job, send_by) for job, send_by in self._unslotted if send_by > now]
-        slots = None
-        if waiting:
-            max_wait = min(send_by for _, send_by in waiting) - now
-            slots = self.dispatcher.limiter.reserve_many(len(waiting), max_wait)
-        if slots is None:
-            expired += [job for job, _ in waiting]
-            waiting = []
-        self._unslotted = []
-        self._release(expired)
-        for (job, send_by), slot in zip(waiting, slots or [], strict=True):
-            earliest, latest = self.dispatcher.send_window(slot)
-            item = Slotted(job, earliest, latest, send_by)
-            try:
-                self._senders.submit(item)
-            except SenderDied:
-                self._restart_senders()
-                self._senders.submit(item)  # a late start only makes it miss its slot
-            self._outstanding += 1
-            self._last_slot = max(self._last_slot, slot)
-
-    def collect(self, timeout: float | None) -> int:
-        """Take the senders' results, waiting up to `timeout` (None: forever, 0: not at all)
-        for the first of them; returns how many were taken."""
-        try:
-            taken = self._senders.take(timeout)
-        except SenderDied:
-            self._restart_senders()
+    def claim_more(self) -> int:
+        """Keep CLAIM_AHEAD seconds of the held units' rate waiting (at least `batch`)."""
+        target = max(self.batch, math.ceil(self.share.calls_per_second() * CLAIM_AHEAD))
+        with self._changed:
+            waiting = len(self._pending)
+        if waiting > target // 2:
             return 0
+        return self.claim(target - waiting)
+
+    def keep_share(self) -> None:
+        """Renew the units ahead of expiry; take more while jobs wait; return idle ones."""
+        if self.share.renew_due():
+            self.share.renew()
+        with self._changed:
+            waiting = len(self._pending)
+        held = self.share.held()
+        now = time.monotonic()
+        if waiting and held < self._units_total and now >= self._next_acquire:
+            if self.share.acquire(min(waiting, self._units_total - held)) == 0:
+                self._next_acquire = now + ACQUIRE_BACKOFF
+        if not waiting:
+            self.share.release(idle_for=IDLE_RETURN)
+
+    def give_up_waiting(self) -> int:
+        """Put back in the queue the claimed jobs that found no unit within `patience`."""
+        now = time.monotonic()
+        with self._changed:
+            late = [w.job for w in self._pending if w.give_up_at <= now]
+            if late:
+                self._pending = deque(w for w in self._pending if w.give_up_at > now)
+        if late:
+            self.dispatcher.wait_for_share(late, self.patience)
+        return len(late)
+
+    def collect(self, timeout: float | None = 0.0) -> int:
+        """Take the senders' results, waiting up to `timeout` (None: forever) for the first."""
+        taken: list[Sent] = []
+        try:
+            if timeout is None or timeout > 0:
+                taken.append(self._results.get(timeout=timeout))
+            while True:
+                taken.append(self._results.get_nowait())
+        except queue.Empty:
+            pass
         for sent in taken:
-            self._outstanding -= 1
-            if sent.reply is None:  # missed its slot: slot it again
-                job, late_ms = sent.item.job, 1000 * sent.late
-                log.debug(
-                    "task=%s seq=%s missed its slot by %.1f ms", job.task_id, job.sequence, late_ms
-                )
-                self._unslotted.append((sent.item.job, sent.item.send_by))
-            else:
-                log_call(sent.item.job, sent.reply, sent.late)
-                self._answers.append((sent.item.job, sent.reply))
+            with self._changed:
+                self._in_flight -= 1
+                if not sent.sent:  # its unit's lease ran out first: another unit, soon
+                    self._pending.appendleft(Waiting(sent.job, time.monotonic() + self.patience))
+                    self._changed.notify_all()
+            if sent.reply is not None:
+                log_call(sent.job, sent.reply)
+                self._answers.append((sent.job, sent.reply))
                 self._oldest_answer = min(self._oldest_answer, time.monotonic())
         return len(taken)
 
     def record(self, force: bool = False) -> int:
         """Store the answers gathered so far in one transaction, when enough have come."""
         due = time.monotonic() - self._oldest_answer >= RECORD_EVERY
-        if not self._answers or not (force or due or len(self._answers) >= self.batch):
+        if not self._answers or not (force or due or len(self._answers) >= RECORD_BATCH):
             return 0
         # Dropped only once stored: if the database fails, the next pass tries again.
         answers = self._answers
@@ -337,57 +232,93 @@ class StopWorker:
         self._answers, self._oldest_answer = [], math.inf
         return len(answers)
 
-    def _release(self, jobs: list[Job]) -> None:
-        if jobs:
-            with write_transaction(self.dispatcher.sessions) as session:
-                for job in jobs:
-                    release(session, job.stop_request_id, self.dispatcher.name)
+    def busy(self) -> bool:
+        with self._changed:
+            return bool(self._pending or self._in_flight)
+
+    def step(self) -> int:
+        """One pass of the main thread (without claiming); returns answers recorded."""
+        self.collect()
+        self.keep_share()
+        self.give_up_waiting()
+        return self.record(force=not self.busy())
 
     def run_once(self) -> int:
-        """Tidy up, then claim and send one batch; returns attempts recorded."""
+        """Tidy up, then claim one batch and send it; returns attempts recorded."""
         self.tidy()
         self.claim(self.batch)
         made = 0
-        while self._unslotted or self._outstanding:
-            self.slot_claimed()
-            if self._outstanding:
-                self.collect(timeout=None)
-            made += self.record(force=not self._outstanding)
-        return made + self.record(force=True)
+        while self.busy():
+            made += self.step()
+            self.collect(timeout=0.05)
+        made += self.step() + self.record(force=True)
+        self.share.release()
+        return made
 
     def run_forever(self, stop: threading.Event, idle_sleep: float = 0.5) -> None:
-        """Keep slots reserved LOOKAHEAD ahead while there is work; wake only to refill
-        or to record, so that the senders have the processor when their slots come."""
-        last_restop_check = -math.inf
+        """Claim (here), keep the units and record (in threads of their own) until
+        `stop` is set, then drain."""
+        helpers = [
+            threading.Thread(target=self._keep, args=(stop,), name="stop-keeper"),
+            threading.Thread(target=self._record_all, args=(stop,), name="stop-recorder"),
+        ]
+        for thread in helpers:
+            thread.start()
+        last_tidy = -math.inf
         while not stop.is_set():
-            idle = False
             try:
-                if time.monotonic() - last_restop_check > idle_sleep * 10:
+                if time.monotonic() - last_tidy > TIDY_EVERY:
                     self.tidy()
-                    last_restop_check = time.monotonic()
-                self.collect(timeout=0)
-                if self._last_slot - time.monotonic() < LOOKAHEAD:
-                    idle = self.claim(self.batch) == 0 and not self._unslotted
-                    self.slot_claimed()
-                self.record(force=not self._outstanding)
-                if idle or not self._outstanding:
-                    stop.wait(idle_sleep if idle else 0.05)
-                    continue
-                now = time.monotonic()
-                wake = min(self._last_slot - LOOKAHEAD, self._oldest_answer + RECORD_EVERY)
-                stop.wait(min(max(wake - now, 0.01), RECORD_EVERY))
+                    last_tidy = time.monotonic()
+                claimed = self.claim_more()
+                stop.wait(idle_sleep if not claimed and not self.busy() else KEEP_EVERY)
             except Exception:  # keep the worker alive; leases return the claimed work
                 log.exception("worker pass failed")
                 stop.wait(idle_sleep)
+        for thread in helpers:
+            thread.join()
         self.drain()
 
+    def _keep(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                self.keep_share()
+                self.give_up_waiting()
+            except Exception:  # the units' leases run out by themselves if this fails
+                log.exception("keeping the rate units failed")
+            stop.wait(KEEP_EVERY)
+
+    def _record_all(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                self.collect(timeout=KEEP_EVERY)
+                self.record()
+            except Exception:  # kept, and tried again on the next pass
+                log.exception("recording answers failed")
+                stop.wait(RECORD_EVERY)
+
     def drain(self) -> None:
-        """Let the slotted calls go, record every answer, give back what was not sent."""
-        while self._outstanding:
+        """Stop pacing, record every answer, and give back what was not sent."""
+        with self._changed:
+            self._closing = True
+            self._changed.notify_all()
+        self._pacer.join()
+        while self.busy_sending():
             self.collect(timeout=None)
-        self._release([job for job, _ in self._unslotted])
-        self._unslotted = []
+        with self._changed:
+            unsent = [w.job for w in self._pending]
+            self._pending.clear()
+        if unsent:
+            with write_transaction(self.dispatcher.sessions) as session:
+                release(session, [job.stop_request_id for job in unsent], self.dispatcher.name)
         self.record(force=True)
+        self.share.release()
+
+    def busy_sending(self) -> bool:
+        with self._changed:
+            return self._in_flight > 0
 
     def close(self) -> None:
-        self._senders.close()
+        if not self._closing:
+            self.drain()
+        self._pool.shutdown(wait=True)

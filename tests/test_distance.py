@@ -3,21 +3,31 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import time
+from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
+import requests
 from flask import Flask
+from flask.testing import FlaskClient
 from sqlalchemy import make_url, select
 from sqlalchemy.orm import Session
 
 from manager import create_app, dispose_engines
 from manager.config import Settings
-from manager.models import Task, TaskRun
+from manager.models import StopRequest, Task, TaskRun
+from manager.zego.fake import FakeServer, FakeZego
 
-from .conftest import callback
+from .conftest import APP_ID, CALLBACK_SECRET, SERVER_SECRET, callback
 from .delay_proxy import DelayProxy
+from .live import BIN, gunicorn
 
 pytestmark = pytest.mark.postgres
 ONE_WAY = 0.0125  # a 25 ms round trip: a database in another zone, or behind a pooler
@@ -61,3 +71,119 @@ def test_every_callback_path_works_25_ms_away(
     task = db.execute(select(Task).where(Task.task_id == "far-1")).scalar_one()
     assert (task.status, task.runs, task.state_seq) == ("stopped", 1, 4)
     assert db.execute(select(TaskRun.stop_reason)).scalars().all() == [0]
+
+
+# -- stops, with the database 25 ms away -------------------------------------------------
+
+SMALL_RATE = 10  # calls/s: enough stops to fill many seconds, in a test of seconds
+
+
+def start_tasks(client: FlaskClient, fake: FakeZego, prefix: str, count: int) -> list[str]:
+    task_ids = [f"{prefix}-{i}" for i in range(count)]
+    for task_id in task_ids:
+        body = json.dumps(callback(task_id=task_id, user_id=f"owner-{task_id}", sequence=1))
+        response = client.post("/callbacks/zego", data=body, content_type="application/json")
+        assert response.json["verdict"] == "applied"
+        fake.seed(task_id, f"owner-{task_id}", sequence=1, notify=False)
+    return task_ids
+
+
+def test_a_single_api_stop_reaches_zegocloud_within_2_s_at_25_ms(
+    far_app: tuple[Flask, DelayProxy], client: FlaskClient, token: str, fake_zego: FakeServer
+) -> None:
+    far, proxy = far_app
+    start_tasks(client, fake_zego.fake, "one", 1)
+    asked = time.time()
+    response = far.test_client().post(
+        "/api/tasks/one-0/stop", headers={"Authorization": f"Bearer {token}"}
+    )
+    assert response.status_code == 200, response.json
+    assert response.json["stop_request"]["state"] == "succeeded"
+    [call] = fake_zego.fake.calls
+    assert call["at"] - asked < 2.0
+    assert proxy.relayed > 0
+
+
+def test_app_processes_and_workers_25_ms_away_never_exceed_the_limit(
+    settings: Settings,
+    client: FlaskClient,
+    token: str,
+    fake_zego: FakeServer,
+    db: Session,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two app processes taking operators' stops while two workers send a bulk stop, all
+    reaching PostgreSQL through the proxy: the fake, counting in a rolling second, never
+    sees more than the limit, and every task is stopped exactly once."""
+    fake = fake_zego.fake
+    singles = start_tasks(client, fake, "op", 12)
+    bulk = start_tasks(client, fake, "bulk", 48)
+    monkeypatch.setattr(fake, "rate_limit", SMALL_RATE)
+    url = make_url(settings.database_url)
+    with DelayProxy((url.host or "127.0.0.1", url.port or 5432), ONE_WAY) as proxy:
+        far = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+        env = {
+            "DATABASE_URL": far,
+            "ZEGO_APP_ID": str(APP_ID),
+            "ZEGO_SERVER_SECRET": SERVER_SECRET,
+            "ZEGO_CALLBACK_SECRET": CALLBACK_SECRET,
+            "ZEGO_API_URL": fake_zego.url,
+            "ZEGO_RATE_LIMIT": str(SMALL_RATE),
+            "SECRET_KEY": "distance-test",
+        }
+        headers = {"Authorization": f"Bearer {token}"}
+        with gunicorn(env, workers=2) as base, workers_running(env, 2):
+            queued = requests.post(
+                f"{base}/api/stops", json={"task_ids": bulk}, headers=headers, timeout=30
+            )
+            assert queued.status_code == 202, queued.text
+            with ThreadPoolExecutor(4) as pool:
+                answers = list(
+                    pool.map(
+                        lambda t: (
+                            requests.post(
+                                f"{base}/api/tasks/{t}/stop", headers=headers, timeout=30
+                            ).status_code
+                        ),
+                        singles,
+                    )
+                )
+            assert set(answers) <= {200, 202}
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and len(stopped(fake)) < len(singles + bulk):
+                time.sleep(0.2)
+    assert fake.throttled == 0
+    assert SMALL_RATE - 2 <= fake.max_in_window <= SMALL_RATE  # pressed, never over
+    assert stopped(fake) == dict.fromkeys(singles + bulk, 1)  # each once, none left
+    db.rollback()
+    states = db.execute(select(StopRequest.state)).scalars().all()
+    assert states == ["succeeded"] * len(singles + bulk)
+
+
+def stopped(fake: FakeZego) -> Counter[str]:
+    return Counter(
+        call["task_id"]
+        for call in fake.calls
+        if call["action"] == "StopCloudTranscode" and call["code"] == 0
+    )
+
+
+@contextmanager
+def workers_running(env: dict[str, str], count: int) -> Iterator[None]:
+    processes = [
+        subprocess.Popen(
+            [str(BIN / "manager"), "worker"],
+            env={**os.environ, **env},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        for _ in range(count)
+    ]
+    try:
+        yield
+    finally:
+        for process in processes:
+            os.killpg(process.pid, signal.SIGTERM)
+        for process in processes:
+            process.wait(timeout=30)

@@ -103,12 +103,12 @@ def test_an_answer_after_the_lease_expired_does_not_undo_a_newer_outcome(
 def test_only_the_claimant_releases_its_claim(client: FlaskClient, db: Session) -> None:
     deliver(client, sequence=3)
     job = first_attempt(db, claimant="api:a:1")
-    release(db, job.stop_request_id, "worker:b:2")
+    release(db, [job.stop_request_id], "worker:b:2", "rate_limit")
     db.commit()
-    assert the_request(db).claimed_by == "api:a:1"
-    release(db, job.stop_request_id, "api:a:1")
+    assert (the_request(db).claimed_by, the_request(db).wait_reason) == ("api:a:1", None)
+    release(db, [job.stop_request_id], "api:a:1", "rate_limit")
     db.commit()
-    assert the_request(db).claimed_by is None
+    assert (the_request(db).claimed_by, the_request(db).wait_reason) == (None, "rate_limit")
 
 
 def test_a_sequence_overtaken_while_waiting_for_a_slot_is_retried(
@@ -212,16 +212,3 @@ def test_the_api_stores_an_answer_after_the_database_refused_it_once(
     assert response.json["stop_request"]["state"] == "succeeded"
     assert writes == [1, 2]
     assert fake_zego.fake.tasks["s-1"].stops == [4]  # sent once
-
-
-def test_a_closed_send_window_is_warned_about_once_a_minute(
-    app: Flask, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    dispatcher = api_dispatcher(app)
-    monkeypatch.setattr(dispatcher.limiter, "clock_error", lambda: 0.008)  # a 16 ms trip
-    earliest, latest = dispatcher.send_window(100.0)
-    assert earliest > latest  # nothing can be sent
-    dispatcher.send_window(100.0)
-    warnings = [r for r in caplog.records if "cannot be timed" in r.getMessage()]
-    assert len(warnings) == 1
-    assert "16 ms" in warnings[0].getMessage()

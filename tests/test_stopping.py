@@ -11,15 +11,21 @@ from typing import Any
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient, FlaskCliRunner
-from sqlalchemy import event, select, text, update
+from sqlalchemy import event, func, insert, select, text, update
 from sqlalchemy.orm import Session
 
-from manager import create_app, dispose_engines, reporting
+from manager import MAX_BODY_BYTES, create_app, dispose_engines, reporting
 from manager.config import Settings
 from manager.db import Base
 from manager.lifecycle import utcnow
 from manager.models import StopAttempt, StopRequest, Task
-from manager.stopping import MAX_RESTOPS, RESTOP_BY, BulkSelection, create_batch
+from manager.stopping import (
+    MAX_BULK_TASKS,
+    MAX_RESTOPS,
+    RESTOP_BY,
+    BulkSelection,
+    create_batch,
+)
 from manager.zego.callbacks import MAX_CALLBACK_SEQUENCE
 from manager.zego.fake import Failure, FakeServer
 
@@ -532,3 +538,41 @@ def test_a_bulk_stop_takes_the_same_statements_for_3_tasks_as_for_300(db: Sessio
 
     assert statements_for("few", 3) == statements_for("many", 300)
     db.rollback()
+
+
+def test_a_bulk_stop_names_up_to_10000_tasks_in_one_request(
+    client: FlaskClient, auth: dict[str, str], db: Session
+) -> None:
+    """MAX_BULK_TASKS ids of a realistic length fit the bulk route's own body cap."""
+    now = utcnow()
+    task_ids = [f"transcode-task-{i:06d}-{'x' * 20}" for i in range(MAX_BULK_TASKS)]
+    db.execute(
+        insert(Task),
+        [
+            {
+                "app_id": APP_ID,
+                "task_id": task_id,
+                "owner": "bulk",
+                "status": "running",
+                "state_seq": 1,
+                "state_rank": 2,
+                "max_seq": 1,
+                "runs": 1,
+                "first_seen_at": now,
+                "updated_at": now,
+            }
+            for task_id in task_ids
+        ],
+    )
+    db.commit()
+    body = json.dumps({"task_ids": task_ids, "reason": "maintenance"})
+    assert len(body) > MAX_BODY_BYTES  # over the cap every other route keeps
+    response = client.post("/api/stops", data=body, content_type="application/json", headers=auth)
+    assert response.status_code == 202, response.json
+    assert response.json["batch"]["total"] == MAX_BULK_TASKS
+    assert db.execute(select(func.count()).select_from(StopRequest)).scalar_one() == MAX_BULK_TASKS
+    too_many = json.dumps({"task_ids": [*task_ids, "one-more"]})
+    response = client.post(
+        "/api/stops", data=too_many, content_type="application/json", headers=auth
+    )
+    assert response.status_code == 400

@@ -1,48 +1,32 @@
-"""The stop worker: slots reserved ahead, calls only in their slots, every answer recorded."""
+"""The stop worker: every stop sent once on leased units, waits explained, answers recorded."""
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from prometheus_client import REGISTRY
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from manager.dispatch import Dispatcher, make_dispatcher
+from manager.dispatch import Dispatcher, make_dispatcher, send_on_unit
 from manager.models import StopAttempt, StopRequest
-from manager.ratelimit import SharedRateLimiter
-from manager.worker import ProcessSenders, StopWorker
+from manager.ratelimit import RateShare, unit_calls
+from manager.stopping import Job
+from manager.worker import StopWorker
 from manager.zego.fake import FakeServer
 
 from .conftest import callback
 
 TASKS = 6
-
-
-class LateFirstReservation(SharedRateLimiter):
-    """Places its first reservation a second in the past, as a stalled process finds it."""
-
-    shifted = 0
-
-    def reserve_many(self, count: int, max_wait: float) -> list[float] | None:
-        slots = super().reserve_many(count, max_wait)
-        if slots is None or self.shifted:
-            return slots
-        self.shifted = count
-        return [slot - 1.0 for slot in slots]
-
-
-class NoSlots(SharedRateLimiter):
-    """Every slot is taken further ahead than anyone may wait."""
-
-    def reserve_many(self, count: int, max_wait: float) -> list[float] | None:
-        return None
 
 
 @pytest.fixture
@@ -59,13 +43,11 @@ def queued(client: FlaskClient, auth: dict[str, str], fake_zego: FakeServer) -> 
     return task_ids
 
 
-def dispatcher(app: Flask, limiter: type[SharedRateLimiter] = SharedRateLimiter) -> Dispatcher:
+def dispatcher(app: Flask) -> Dispatcher:
     ext = app.extensions
-    made = make_dispatcher(
+    return make_dispatcher(
         ext["manager.settings"], ext["manager.engine"], ext["manager.sessions"], "worker"
     )
-    made.limiter = limiter(ext["manager.engine"], made.limiter.name, made.limiter.rate)
-    return made
 
 
 @pytest.fixture
@@ -82,50 +64,64 @@ def stop_calls(fake_zego: FakeServer) -> Counter[str]:
     )
 
 
-def test_calls_that_miss_their_slot_take_a_fresh_one_and_go_once(
-    app: Flask,
-    queued: list[str],
-    fake_zego: FakeServer,
-    db: Session,
-    workers: list[StopWorker],
+def waits(reason: str) -> float:
+    return REGISTRY.get_sample_value("manager_stop_waits_total", {"reason": reason}) or 0.0
+
+
+def test_one_pass_sends_a_batch_once_each(
+    app: Flask, queued: list[str], fake_zego: FakeServer, db: Session, workers: list[StopWorker]
 ) -> None:
-    worker = StopWorker(dispatcher(app, LateFirstReservation), threads=2, batch=4)
+    worker = StopWorker(dispatcher(app), threads=2, batch=4)
     workers.append(worker)
     assert worker.run_once() == 4
-    assert isinstance(worker.dispatcher.limiter, LateFirstReservation)
-    assert worker.dispatcher.limiter.shifted == 4  # all four missed their first slots
     assert worker.run_once() == 2
-    assert stop_calls(fake_zego) == dict.fromkeys(queued, 1)  # no call went out late
+    assert stop_calls(fake_zego) == dict.fromkeys(queued, 1)
     states = Counter(db.execute(select(StopRequest.state, StopRequest.attempts)).all())
     assert states == {("succeeded", 1): TASKS}
     assert db.execute(select(func.count()).select_from(StopAttempt)).scalar_one() == TASKS
+    assert worker.share.held() == 0  # given back after the pass
 
 
-def test_claimed_requests_without_a_slot_go_back_untouched(
+def test_claimed_requests_without_a_unit_go_back_saying_why(
     app: Flask,
     queued: list[str],
     fake_zego: FakeServer,
     db: Session,
     workers: list[StopWorker],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    worker = StopWorker(dispatcher(app, NoSlots), threads=2, batch=4)
+    made = dispatcher(app)
+    hog = RateShare(app.extensions["manager.engine"], "zego_api", made.limiter.rate)
+    assert hog.acquire(1000) == len(unit_calls(made.limiter.rate))  # another process holds all
+    before = waits("rate_limit")
+    worker = StopWorker(made, threads=2, batch=4, patience=0.3)
     workers.append(worker)
     assert worker.run_once() == 0
     assert stop_calls(fake_zego) == {}
-    rows = db.execute(select(StopRequest.state, StopRequest.claimed_by, StopRequest.attempts))
-    assert Counter(rows.all()) == {("queued", None, 0): TASKS}
+    rows = db.execute(
+        select(
+            StopRequest.state, StopRequest.claimed_by, StopRequest.attempts, StopRequest.wait_reason
+        )
+    )
+    assert Counter(rows.all()) == {
+        ("queued", None, 0, "rate_limit"): 4,
+        ("queued", None, 0, None): 2,
+    }
+    assert waits("rate_limit") == before + 4
+    assert any("no share of the ZEGOCLOUD rate limit" in r.getMessage() for r in caplog.records)
+    hog.release()
+    # Once the units are free the same requests go, and say no more why they wait.
+    assert worker.run_once() == 4
+    assert worker.run_once() == 2
+    db.rollback()  # a fresh snapshot
+    rows = db.execute(select(StopRequest.state, StopRequest.wait_reason))
+    assert Counter(rows.all()) == {("succeeded", None): TASKS}
 
 
-@pytest.mark.parametrize("separate_process", [False, True], ids=["threads", "process"])
 def test_running_worker_sends_every_stop_once_and_lets_go_when_stopped(
-    app: Flask,
-    queued: list[str],
-    fake_zego: FakeServer,
-    db: Session,
-    workers: list[StopWorker],
-    separate_process: bool,
+    app: Flask, queued: list[str], fake_zego: FakeServer, db: Session, workers: list[StopWorker]
 ) -> None:
-    worker = StopWorker(dispatcher(app), threads=2, batch=4, separate_process=separate_process)
+    worker = StopWorker(dispatcher(app), threads=2, batch=4)
     workers.append(worker)
     stop = threading.Event()
     thread = threading.Thread(target=worker.run_forever, args=(stop, 0.05))
@@ -139,26 +135,53 @@ def test_running_worker_sends_every_stop_once_and_lets_go_when_stopped(
         thread.join(timeout=60)
     assert not thread.is_alive()
     assert stop_calls(fake_zego) == dict.fromkeys(queued, 1)
-    # Stopping drains: every answer is recorded and no claim is left behind.
+    # Stopping drains: every answer is recorded, no claim is left behind, no unit kept.
     rows = db.execute(select(StopRequest.state, StopRequest.claimed_by, StopRequest.attempts))
     assert Counter(rows.all()) == {("succeeded", None, 1): TASKS}
+    assert worker.share.held() == 0
 
 
-def test_a_dead_sender_process_is_replaced(
-    app: Flask,
-    queued: list[str],
-    fake_zego: FakeServer,
-    db: Session,
-    workers: list[StopWorker],
+def test_a_call_whose_lease_ran_out_before_its_first_byte_is_not_sent(
+    app: Flask, fake_zego: FakeServer
 ) -> None:
-    worker = StopWorker(dispatcher(app), threads=2, batch=TASKS, separate_process=True)
-    workers.append(worker)
-    senders = worker._senders
-    assert isinstance(senders, ProcessSenders)
-    senders._process.kill()
-    senders._process.join()
-    assert worker.run_once() == TASKS
-    assert worker._senders is not senders
-    assert stop_calls(fake_zego) == dict.fromkeys(queued, 1)
-    rows = db.execute(select(StopRequest.state, StopRequest.claimed_by, StopRequest.attempts))
-    assert Counter(rows.all()) == {("succeeded", None, 1): TASKS}
+    made = dispatcher(app)
+    assert made.limiter.acquire(1) == 1
+    grant = made.limiter.try_checkout()
+    assert grant is not None
+    lapsed = replace(grant, deadline=time.monotonic() - 0.001)
+    job = Job(1, "w-0", "owner-w-0", 2, 0)
+    assert send_on_unit(made.client, made.limiter, job, lapsed) is None
+    assert fake_zego.fake.calls == []
+    # Nothing was sent, so the unit may start a call as soon as the process may.
+    again = made.limiter.checkout(time.monotonic() + 1.0)
+    assert again is not None
+    assert again.unit == grant.unit
+    reply = send_on_unit(made.client, made.limiter, job, again)
+    assert reply is not None
+    assert len(fake_zego.fake.calls) == 1
+    assert made.limiter.try_checkout() is None  # a call went: the unit waits its spacing
+    made.limiter.release()
+
+
+def test_an_operators_stop_without_a_unit_is_left_to_the_worker_saying_why(
+    app: Flask,
+    client: FlaskClient,
+    auth: dict[str, str],
+    fake_zego: FakeServer,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    body = json.dumps(callback(task_id="w-0", user_id="owner-w-0", sequence=1))
+    client.post("/callbacks/zego", data=body, content_type="application/json")
+    rate = app.extensions["manager.settings"].zego_rate_limit
+    hog = RateShare(app.extensions["manager.engine"], "zego_api", rate)
+    assert hog.acquire(1000) == len(unit_calls(rate))
+    monkeypatch.setattr("manager.dispatch.FIRST_ATTEMPT_MAX_WAIT", 0.3)
+    caplog.set_level(logging.WARNING)
+    response = client.post("/api/tasks/w-0/stop", headers=auth)
+    assert response.status_code == 202, response.json
+    stop = response.json["stop_request"]
+    assert (stop["state"], stop["attempts"], stop["wait_reason"]) == ("queued", 0, "rate_limit")
+    assert fake_zego.fake.calls == []
+    assert any("no share of the ZEGOCLOUD rate limit" in r.getMessage() for r in caplog.records)
+    hog.release()

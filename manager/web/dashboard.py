@@ -48,12 +48,11 @@ from ..queries import (
     task_deliveries,
     task_runs,
 )
+from ..stopping import WAIT_REASON_TEXT
 from ..stored_text import text_problem
 from ..tokens import authenticate
 from .api import TaskIdConverter
 
-# The stop button waits this long for a rate slot before leaving the stop to the worker.
-FIRST_ATTEMPT_MAX_WAIT = 2.0
 CHART_DAYS = 14
 DELIVERY_ROWS = 50
 TASK_ROWS = 200
@@ -326,7 +325,6 @@ def stop() -> ResponseReturnValue:
             requested_by=g.operator,
             reason="stopped from the dashboard",
             force=False,
-            max_wait=FIRST_ATTEMPT_MAX_WAIT,
         )
     except ApiError as exc:
         get_session().rollback()
@@ -354,6 +352,8 @@ def stop_message(task_id: str, stop: StopRequest, created: bool) -> tuple[str, s
         if not created:
             return f"A stop for {task_id} is already queued; the worker will send it.", "warn"
         detail = f" ({zego})" if stop.last_code is not None else ""
+        if stop.wait_reason is not None:
+            detail += f" ({WAIT_REASON_TEXT[stop.wait_reason]})"
         return f"Stop for {task_id} is queued for retry{detail}; the worker will send it.", "warn"
     return f"ZEGOCLOUD refused the stop for {task_id} ({zego}).", "error"
 

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 import requests
 
+from .guard import GuardedAdapter, SendGuard, guarded
 from .signing import api_signature, new_nonce
 
 log = logging.getLogger(__name__)
@@ -18,6 +19,9 @@ Outcome = Literal["success", "retryable", "permanent"]
 # (connect, read) seconds; the connect timeout is just over a multiple of 3 s, TCP's
 # retransmission window, as requests' documentation advises.
 DEFAULT_TIMEOUT = (3.05, 10.0)
+
+# Connections kept open to ZEGOCLOUD: one per call that may be in flight at once.
+DEFAULT_POOL_SIZE = 32
 
 # SPEC 3.3 and zego-reference.md section 7: worth another try later.
 BAD_INPUT = 110200002  # "Input parameter error", a Sequence not above ZEGO's among them
@@ -124,16 +128,27 @@ class ZegoClient:
         settings = self._http.merge_environment_settings(prepared.url, {}, None, None, None)
         return PreparedCall(prepared, dict(settings))
 
-    def send(self, prepared: PreparedCall) -> ZegoReply:
-        """Send a prepared request once; network failures and 5xx come back as retryable."""
+    def send(self, prepared: PreparedCall, guard: SendGuard | None = None) -> ZegoReply:
+        """Send a prepared request once; network failures and 5xx come back as retryable.
+
+        With a guard, nothing is sent once its deadline has passed (guard.DeadlinePassed
+        is raised), and guard.written_at tells when the request's last byte left.
+        """
         started = time.monotonic()
         try:
-            response = self._http.send(prepared.request, timeout=self._timeout, **prepared.settings)
+            if guard is None:
+                response = self._send(prepared)
+            else:
+                with guarded(guard):
+                    response = self._send(prepared)
         except requests.Timeout:
             return self._reply("retryable", None, "timed out", None, None, started)
         except requests.RequestException as exc:
             return self._reply("retryable", None, f"{type(exc).__name__}", None, None, started)
         return self._parse(response, started)
+
+    def _send(self, prepared: PreparedCall) -> requests.Response:
+        return self._http.send(prepared.request, timeout=self._timeout, **prepared.settings)
 
     def _parse(self, response: requests.Response, started: float) -> ZegoReply:
         status = response.status_code
@@ -179,17 +194,29 @@ class ClientConfig:
     app_id: int
     server_secret: str = field(repr=False)
     timeout: tuple[float, float] = DEFAULT_TIMEOUT
+    pool_size: int = DEFAULT_POOL_SIZE
 
     def make(self) -> ZegoClient:
-        return make_client(self.base_url, self.app_id, self.server_secret, self.timeout)
+        return make_client(
+            self.base_url, self.app_id, self.server_secret, self.timeout, self.pool_size
+        )
 
 
 def make_client(
-    base_url: str, app_id: int, server_secret: str, timeout: tuple[float, float] = DEFAULT_TIMEOUT
+    base_url: str,
+    app_id: int,
+    server_secret: str,
+    timeout: tuple[float, float] = DEFAULT_TIMEOUT,
+    pool_size: int = DEFAULT_POOL_SIZE,
 ) -> ZegoClient:
-    """A client with its own pooled Session, as the service uses it."""
+    """A client with its own pooled Session, as the service uses it.
+
+    The pool keeps `pool_size` connections open, so that as many calls can be in
+    flight at once without opening new ones (block=False: more still go, on
+    connections closed after use).
+    """
     http = requests.Session()
-    adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=32, max_retries=0)
+    adapter = GuardedAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
     http.mount("http://", adapter)
     http.mount("https://", adapter)
     return ZegoClient(http, base_url, app_id, server_secret, timeout=timeout)

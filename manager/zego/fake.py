@@ -61,8 +61,12 @@ class FakeZego:
         rate_limit: int = 100,
         callback_retry_delays: tuple[float, ...] = CALLBACK_RETRY_DELAYS,
         clock: Callable[[], float] = time.time,
+        answer_delay: float = 0.0,
     ) -> None:
         self.app_id = app_id
+        # Seconds between handling a call (counting it, applying it) and answering it:
+        # ZEGOCLOUD in another region answers in hundreds of milliseconds.
+        self.answer_delay = answer_delay
         self._server_secret = server_secret
         self._callback_secret = callback_secret
         self.callback_url = callback_url
@@ -381,6 +385,8 @@ def create_fake_app(fake: FakeZego) -> Flask:
     @app.post("/")
     def api() -> tuple[Response, int]:
         status, envelope = fake.handle(request.args.to_dict(), request.get_data())
+        if fake.answer_delay > 0:
+            time.sleep(fake.answer_delay)
         return jsonify(envelope), status
 
     @app.post("/_fake/tasks")

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from manager import reporting
 from manager.db import write_connection
-from manager.lifecycle import apply_accepted_stop, utc_from_timestamp
+from manager.lifecycle import apply_accepted_stops, utc_from_timestamp
 from manager.models import StopAttempt, StopRequest, Task, TaskRun
 from manager.zego.signing import new_nonce, signed_callback
 
@@ -89,7 +89,7 @@ def accept_stop(app: Flask, task_id: str, owner: str, step: Step, t0: int) -> No
                 elapsed_ms=1,
             )
         )
-        apply_accepted_stop(conn, task_pk, step.sequence, at)
+        apply_accepted_stops(conn, [(task_pk, step.sequence)], at)
 
 
 def deliver(
