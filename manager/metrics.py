@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from prometheus_client import (
@@ -13,6 +14,10 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .models import WAIT_REASONS
 
 DELIVERIES = Counter(
     "manager_callback_deliveries_total",
@@ -66,10 +71,36 @@ def count_delivery(verdict: str, reason: str | None) -> None:
     child.inc()
 
 
-def render() -> tuple[bytes, str]:
-    """The exposition text; aggregated over all workers when PROMETHEUS_MULTIPROC_DIR is set."""
+class StopQueue(Collector):
+    """Queued stop requests by why they wait, read from the database at scrape time: the
+    same figure from every app process, wherever the workers run."""
+
+    def __init__(self, waiting: Mapping[str | None, int]) -> None:
+        self._waiting = waiting
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "manager_stop_requests_queued",
+            "Queued stop requests, by wait_reason (none: waiting their turn or their retry)",
+            labels=["wait_reason"],
+        )
+        for reason in (None, *WAIT_REASONS):
+            family.add_metric([reason or "none"], self._waiting.get(reason, 0))
+        yield family
+
+
+def render(stop_queue: Mapping[str | None, int] | None = None) -> tuple[bytes, str]:
+    """The exposition text; aggregated over all workers when PROMETHEUS_MULTIPROC_DIR is set.
+
+    `stop_queue` (queued stop requests by wait reason) is added when given."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-    return generate_latest(), CONTENT_TYPE_LATEST
+        body = generate_latest(registry)
+    else:
+        body = generate_latest()
+    if stop_queue is not None:
+        queue = CollectorRegistry()
+        queue.register(StopQueue(stop_queue))
+        body += generate_latest(queue)
+    return body, CONTENT_TYPE_LATEST

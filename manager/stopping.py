@@ -129,6 +129,16 @@ def request_stop(
     return stop, True
 
 
+def queued_by_wait_reason(session: Session) -> dict[str | None, int]:
+    """How many stop requests are queued, by wait_reason (None: no reason to give)."""
+    rows = session.execute(
+        select(StopRequest.wait_reason, func.count())
+        .where(StopRequest.state == "queued")
+        .group_by(StopRequest.wait_reason)
+    )
+    return {reason: count for reason, count in rows}
+
+
 def latest_stop_request(session: Session, task_pk: int) -> StopRequest | None:
     return session.execute(
         select(StopRequest)

@@ -169,7 +169,7 @@ def stopped(fake: FakeZego) -> Counter[str]:
 
 
 @contextmanager
-def workers_running(env: dict[str, str], count: int) -> Iterator[None]:
+def workers_running(env: dict[str, str], count: int) -> Iterator[list[subprocess.Popen[bytes]]]:
     processes = [
         subprocess.Popen(
             [str(BIN / "manager"), "worker"],
@@ -181,9 +181,85 @@ def workers_running(env: dict[str, str], count: int) -> Iterator[None]:
         for _ in range(count)
     ]
     try:
-        yield
+        yield processes
     finally:
         for process in processes:
-            os.killpg(process.pid, signal.SIGTERM)
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
         for process in processes:
             process.wait(timeout=30)
+
+
+def test_a_worker_killed_mid_batch_loses_nothing_and_its_units_come_back(
+    settings: Settings,
+    client: FlaskClient,
+    token: str,
+    fake_zego: FakeServer,
+    db: Session,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SIGKILL one of two workers while they send a bulk stop, the database 25 ms away:
+    the other takes over its units once their lease and window have passed, the fake
+    never sees more than the limit, nothing is sent twice, and what the dead worker
+    had claimed stays queued under its lease (to be sent when the lease ends)."""
+    fake = fake_zego.fake
+    bulk = start_tasks(client, fake, "kill", 60)
+    monkeypatch.setattr(fake, "rate_limit", SMALL_RATE)
+    url = make_url(settings.database_url)
+    with DelayProxy((url.host or "127.0.0.1", url.port or 5432), ONE_WAY) as proxy:
+        far = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+        env = {
+            "DATABASE_URL": far,
+            "ZEGO_APP_ID": str(APP_ID),
+            "ZEGO_SERVER_SECRET": SERVER_SECRET,
+            "ZEGO_CALLBACK_SECRET": CALLBACK_SECRET,
+            "ZEGO_API_URL": fake_zego.url,
+            "ZEGO_RATE_LIMIT": str(SMALL_RATE),
+            "SECRET_KEY": "distance-test",
+        }
+        queued = client.post(
+            "/api/stops", json={"task_ids": bulk}, headers={"Authorization": f"Bearer {token}"}
+        )
+        assert queued.status_code == 202, queued.json
+        with workers_running(env, 2) as (victim, survivor):
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and len(stopped(fake)) < 15:
+                time.sleep(0.05)
+            os.killpg(victim.pid, signal.SIGKILL)
+            victim.wait()
+            db.rollback()
+            left = set(
+                db.execute(
+                    select(Task.task_id)
+                    .join(StopRequest, StopRequest.task_pk == Task.id)
+                    .where(
+                        StopRequest.state == "queued",
+                        StopRequest.claimed_by.like(f"%:{victim.pid}"),
+                    )
+                ).scalars()
+            )
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and len(succeeded(db)) < len(bulk) - len(left):
+                time.sleep(0.2)
+            assert survivor.poll() is None
+    assert fake.throttled == 0
+    assert fake.max_in_window <= SMALL_RATE
+    sent = stopped(fake)
+    assert set(sent.values()) == {1}  # nothing twice
+    done = succeeded(db)
+    # Everything but what the dead worker held went, once; of what it held, some had
+    # gone before it died (their answers lost): those wait out the lease like the rest.
+    assert done == set(bulk) - left
+    assert done <= set(sent) <= set(bulk)
+    assert set(sent) - done <= left
+
+
+def succeeded(db: Session) -> set[str]:
+    db.rollback()
+    return set(
+        db.execute(
+            select(Task.task_id)
+            .join(StopRequest, StopRequest.task_pk == Task.id)
+            .where(StopRequest.state == "succeeded")
+        ).scalars()
+    )

@@ -17,6 +17,8 @@ from prometheus_client import REGISTRY
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from manager import create_app, dispose_engines
+from manager.config import Settings
 from manager.dispatch import Dispatcher, make_dispatcher, send_on_unit
 from manager.models import StopAttempt, StopRequest
 from manager.ratelimit import RateShare, unit_calls
@@ -25,6 +27,7 @@ from manager.worker import StopWorker
 from manager.zego.fake import FakeServer
 
 from .conftest import callback
+from .live import free_port
 
 TASKS = 6
 
@@ -184,4 +187,34 @@ def test_an_operators_stop_without_a_unit_is_left_to_the_worker_saying_why(
     assert (stop["state"], stop["attempts"], stop["wait_reason"]) == ("queued", 0, "rate_limit")
     assert fake_zego.fake.calls == []
     assert any("no share of the ZEGOCLOUD rate limit" in r.getMessage() for r in caplog.records)
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert 'manager_stop_requests_queued{wait_reason="rate_limit"} 1.0' in metrics
     hog.release()
+
+
+def test_a_zegocloud_that_cannot_be_reached_shows_in_the_stop_the_log_and_the_metrics(
+    settings: Settings,
+    client: FlaskClient,
+    auth: dict[str, str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    body = json.dumps(callback(task_id="w-0", user_id="owner-w-0", sequence=1))
+    client.post("/callbacks/zego", data=body, content_type="application/json")
+    nowhere = create_app(replace(settings, zego_api_url=f"http://127.0.0.1:{free_port()}/"))
+    before = waits("zego_unreachable")
+    caplog.set_level(logging.WARNING)
+    try:
+        response = nowhere.test_client().post("/api/tasks/w-0/stop", headers=auth)
+        metrics = nowhere.test_client().get("/metrics").get_data(as_text=True)
+    finally:
+        dispose_engines(nowhere)
+    assert response.status_code == 202, response.json
+    stop = response.json["stop_request"]
+    assert (stop["state"], stop["attempts"], stop["wait_reason"]) == (
+        "queued",
+        1,
+        "zego_unreachable",
+    )
+    assert waits("zego_unreachable") == before + 1
+    assert any("ZEGOCLOUD not reached" in r.getMessage() for r in caplog.records)
+    assert 'manager_stop_requests_queued{wait_reason="zego_unreachable"} 1.0' in metrics

@@ -5,9 +5,11 @@ from __future__ import annotations
 from flask import Blueprint, Response, current_app, jsonify
 from sqlalchemy.exc import SQLAlchemyError
 
+from .. import get_session
 from ..errors import error_response
 from ..metrics import render
 from ..migrate import is_at_head
+from ..stopping import queued_by_wait_reason
 
 bp = Blueprint("ops", __name__)
 
@@ -31,5 +33,10 @@ def readyz() -> tuple[Response, int]:
 
 @bp.get("/metrics")
 def metrics() -> Response:
-    body, content_type = render()
+    try:
+        stop_queue = queued_by_wait_reason(get_session())
+    except SQLAlchemyError:  # the process's own series still tell something
+        get_session().rollback()
+        stop_queue = None
+    body, content_type = render(stop_queue)
     return Response(body, content_type=content_type)
