@@ -27,7 +27,7 @@ from sqlalchemy import make_url, text
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import bench_database  # noqa: E402  (bench/common.py)
+from common import bench_database, insert_running_tasks  # noqa: E402  (bench/common.py)
 
 from manager import create_app, dispose_engines  # noqa: E402
 from manager.config import Settings  # noqa: E402
@@ -44,16 +44,8 @@ def seed(database_url: str, count: int) -> list[str]:
     engine = make_engine(database_url)
     upgrade(engine)
     with engine.begin() as conn:
-        conn.execute(
-            text(
-                "INSERT INTO tasks (app_id, task_id, owner, status, state_seq, state_rank, "
-                "max_seq, owner_seq, owner_rank, runs, run_start_seen, started_at, "
-                "first_seen_at, updated_at, last_delivery_at) "
-                "SELECT :app, 'transcode-task-' || lpad(g::text, 6, '0') || '-abcdefghij', "
-                "'owner-' || g, 'running', 1, 2, 1, 1, 2, 1, true, "
-                "now(), now(), now(), now() FROM generate_series(1, :n) AS g"
-            ),
-            {"app": APP_ID, "n": count},
+        insert_running_tasks(
+            conn, APP_ID, count, "'transcode-task-' || lpad(g::text, 6, '0') || '-abcdefghij'"
         )
         ids = list(conn.execute(text("SELECT task_id FROM tasks ORDER BY id")).scalars())
     engine.dispose()
@@ -84,8 +76,9 @@ def time_requests(database_url: str, task_ids: list[str], rtt_ms: float, runs: i
                 "/api/stops", data=body, content_type="application/json", headers=headers
             )
             times.append(time.perf_counter() - started)
-            assert response.status_code == 202, response.json
-            assert response.json["batch"]["total"] == len(task_ids)
+            answer = response.get_json()
+            assert response.status_code == 202, answer
+            assert answer["batch"]["total"] == len(task_ids)
             clear(database_url)
         dispose_engines(app)
     return times

@@ -54,12 +54,12 @@ from pathlib import Path
 from typing import IO, Any, TypedDict
 
 import requests
-from sqlalchemy import make_url, text
+from sqlalchemy import make_url
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import bench_database, free_port  # noqa: E402  (bench/common.py)
+from common import bench_database, free_port, insert_running_tasks  # noqa: E402  (bench/common.py)
 
 from manager.db import make_engine  # noqa: E402
 from manager.migrate import upgrade  # noqa: E402
@@ -160,16 +160,7 @@ def stop_all(processes: list[subprocess.Popen[bytes]]) -> None:
 def seed_tasks(database_url: str, fake_url: str, count: int) -> None:
     engine = make_engine(database_url)
     with engine.begin() as conn:
-        conn.execute(
-            text(
-                "INSERT INTO tasks (app_id, task_id, owner, status, state_seq, state_rank, "
-                "max_seq, owner_seq, owner_rank, runs, run_start_seen, started_at, "
-                "first_seen_at, updated_at, last_delivery_at) "
-                "SELECT :app, 'bench-' || g, 'owner-' || g, 'running', 1, 2, 1, 1, 2, 1, true, "
-                "now(), now(), now(), now() FROM generate_series(1, :n) AS g"
-            ),
-            {"app": APP_ID, "n": count},
-        )
+        insert_running_tasks(conn, APP_ID, count, "'bench-' || g")
     engine.dispose()
     tasks = [
         {"task_id": f"bench-{i}", "owner": f"owner-{i}", "sequence": 1} for i in range(1, count + 1)

@@ -66,3 +66,27 @@ def gunicorn(env: Mapping[str, str], workers: int = 4) -> Iterator[str]:
             process.wait()
         if process.stderr:
             process.stderr.close()
+
+
+@contextmanager
+def manager_workers(env: Mapping[str, str], count: int) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """`count` x `manager worker` in processes of their own; stopped with SIGTERM after
+    (unless a test killed them first)."""
+    processes = [
+        subprocess.Popen(
+            [str(BIN / "manager"), "worker"],
+            env={**os.environ, **env},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        for _ in range(count)
+    ]
+    try:
+        yield processes
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in processes:
+            process.wait(timeout=30)

@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
@@ -27,7 +25,7 @@ from manager.zego.fake import FakeServer, FakeZego
 
 from .conftest import APP_ID, CALLBACK_SECRET, SERVER_SECRET, callback
 from .delay_proxy import DelayProxy
-from .live import BIN, gunicorn
+from .live import gunicorn, manager_workers
 
 pytestmark = pytest.mark.postgres
 ONE_WAY = 0.0125  # a 25 ms round trip: a database in another zone, or behind a pooler
@@ -122,17 +120,9 @@ def test_app_processes_and_workers_25_ms_away_never_exceed_the_limit(
     url = make_url(settings.database_url)
     with DelayProxy((url.host or "127.0.0.1", url.port or 5432), ONE_WAY) as proxy:
         far = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
-        env = {
-            "DATABASE_URL": far,
-            "ZEGO_APP_ID": str(APP_ID),
-            "ZEGO_SERVER_SECRET": SERVER_SECRET,
-            "ZEGO_CALLBACK_SECRET": CALLBACK_SECRET,
-            "ZEGO_API_URL": fake_zego.url,
-            "ZEGO_RATE_LIMIT": str(SMALL_RATE),
-            "SECRET_KEY": "distance-test",
-        }
+        env = far_env(far, fake_zego)
         headers = {"Authorization": f"Bearer {token}"}
-        with gunicorn(env, workers=2) as base, workers_running(env, 2):
+        with gunicorn(env, workers=2) as base, manager_workers(env, 2):
             queued = requests.post(
                 f"{base}/api/stops", json={"task_ids": bulk}, headers=headers, timeout=30
             )
@@ -160,34 +150,25 @@ def test_app_processes_and_workers_25_ms_away_never_exceed_the_limit(
     assert states == ["succeeded"] * len(singles + bulk)
 
 
+def far_env(database_url: str, fake_zego: FakeServer) -> dict[str, str]:
+    """The environment of app and worker processes reaching the database at `database_url`."""
+    return {
+        "DATABASE_URL": database_url,
+        "ZEGO_APP_ID": str(APP_ID),
+        "ZEGO_SERVER_SECRET": SERVER_SECRET,
+        "ZEGO_CALLBACK_SECRET": CALLBACK_SECRET,
+        "ZEGO_API_URL": fake_zego.url,
+        "ZEGO_RATE_LIMIT": str(SMALL_RATE),
+        "SECRET_KEY": "distance-test",
+    }
+
+
 def stopped(fake: FakeZego) -> Counter[str]:
     return Counter(
         call["task_id"]
         for call in fake.calls
         if call["action"] == "StopCloudTranscode" and call["code"] == 0
     )
-
-
-@contextmanager
-def workers_running(env: dict[str, str], count: int) -> Iterator[list[subprocess.Popen[bytes]]]:
-    processes = [
-        subprocess.Popen(
-            [str(BIN / "manager"), "worker"],
-            env={**os.environ, **env},
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        for _ in range(count)
-    ]
-    try:
-        yield processes
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        for process in processes:
-            process.wait(timeout=30)
 
 
 def test_a_worker_killed_mid_batch_loses_nothing_and_its_units_come_back(
@@ -208,20 +189,12 @@ def test_a_worker_killed_mid_batch_loses_nothing_and_its_units_come_back(
     url = make_url(settings.database_url)
     with DelayProxy((url.host or "127.0.0.1", url.port or 5432), ONE_WAY) as proxy:
         far = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
-        env = {
-            "DATABASE_URL": far,
-            "ZEGO_APP_ID": str(APP_ID),
-            "ZEGO_SERVER_SECRET": SERVER_SECRET,
-            "ZEGO_CALLBACK_SECRET": CALLBACK_SECRET,
-            "ZEGO_API_URL": fake_zego.url,
-            "ZEGO_RATE_LIMIT": str(SMALL_RATE),
-            "SECRET_KEY": "distance-test",
-        }
+        env = far_env(far, fake_zego)
         queued = client.post(
             "/api/stops", json={"task_ids": bulk}, headers={"Authorization": f"Bearer {token}"}
         )
         assert queued.status_code == 202, queued.json
-        with workers_running(env, 2) as (victim, survivor):
+        with manager_workers(env, 2) as (victim, survivor):
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and len(stopped(fake)) < 15:
                 time.sleep(0.05)

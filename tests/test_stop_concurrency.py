@@ -7,9 +7,6 @@ task must carry a new, higher Sequence, and nobody may get a 5xx.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import threading
 import time
 from collections import Counter, defaultdict
@@ -25,7 +22,7 @@ from manager.models import StopRequest
 from manager.zego.fake import Failure, FakeServer
 
 from .conftest import APP_ID, CALLBACK_SECRET, SERVER_SECRET, callback
-from .live import BIN, gunicorn
+from .live import gunicorn, manager_workers
 
 pytestmark = pytest.mark.postgres
 
@@ -65,17 +62,7 @@ def test_concurrent_stops_send_each_stop_once(
         # The first attempts to arrive fail; the workers must retry them, and only them.
         fake.fail_next(Failure(code=110200151, times=INJECTED_FAILURES))
 
-        workers = [
-            subprocess.Popen(
-                [str(BIN / "manager"), "worker"],
-                env={**os.environ, **env},
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-            for _ in range(WORKERS)
-        ]
-        try:
+        with manager_workers(env, WORKERS):
             calls = [t for t in task_ids for _ in range(CALLERS_PER_TASK)]
             barrier = threading.Barrier(len(calls))
 
@@ -104,11 +91,6 @@ def test_concurrent_stops_send_each_stop_once(
                     .where(StopRequest.state == "queued")
                 ).scalar_one()
             assert queued == 0
-        finally:
-            for worker in workers:
-                os.killpg(worker.pid, signal.SIGTERM)
-            for worker in workers:
-                worker.wait(timeout=20)
 
     per_task = Counter(db.execute(select(StopRequest.task_pk)).scalars())
     assert sorted(per_task.values()) == [1] * TASKS  # one stop request per task, not twenty
