@@ -9,6 +9,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
@@ -31,11 +32,20 @@ pytestmark = pytest.mark.postgres
 ONE_WAY = 0.0125  # a 25 ms round trip: a database in another zone, or behind a pooler
 
 
-@pytest.fixture
-def far_app(settings: Settings) -> Iterator[tuple[Flask, DelayProxy]]:
+@contextmanager
+def far_database(settings: Settings) -> Iterator[tuple[str, DelayProxy]]:
+    """The test database's URL as reached through the delaying proxy, and the proxy."""
     url = make_url(settings.database_url)
     with DelayProxy((url.host or "127.0.0.1", url.port or 5432), ONE_WAY) as proxy:
-        far = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+        yield (
+            url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False),
+            proxy,
+        )
+
+
+@pytest.fixture
+def far_app(settings: Settings) -> Iterator[tuple[Flask, DelayProxy]]:
+    with far_database(settings) as (far, proxy):
         app = create_app(replace(settings, database_url=far))
         yield app, proxy
         dispose_engines(app)
@@ -117,9 +127,7 @@ def test_app_processes_and_workers_25_ms_away_never_exceed_the_limit(
     singles = start_tasks(client, fake, "op", 12)
     bulk = start_tasks(client, fake, "bulk", 48)
     monkeypatch.setattr(fake, "rate_limit", SMALL_RATE)
-    url = make_url(settings.database_url)
-    with DelayProxy((url.host or "127.0.0.1", url.port or 5432), ONE_WAY) as proxy:
-        far = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    with far_database(settings) as (far, _proxy):
         env = far_env(far, fake_zego)
         headers = {"Authorization": f"Bearer {token}"}
         with gunicorn(env, workers=2) as base, manager_workers(env, 2):
@@ -186,9 +194,7 @@ def test_a_worker_killed_mid_batch_loses_nothing_and_its_units_come_back(
     fake = fake_zego.fake
     bulk = start_tasks(client, fake, "kill", 60)
     monkeypatch.setattr(fake, "rate_limit", SMALL_RATE)
-    url = make_url(settings.database_url)
-    with DelayProxy((url.host or "127.0.0.1", url.port or 5432), ONE_WAY) as proxy:
-        far = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    with far_database(settings) as (far, _proxy):
         env = far_env(far, fake_zego)
         queued = client.post(
             "/api/stops", json={"task_ids": bulk}, headers={"Authorization": f"Bearer {token}"}
