@@ -68,9 +68,10 @@ sys.path.insert(0, str(REPO))
 
 from common import bench_database  # noqa: E402  (bench/common.py)
 
-from manager import dispose_engines, reporting, rollups  # noqa: E402
+from manager import dispose_engines  # noqa: E402
 from manager.db import make_engine, make_session_factory  # noqa: E402
 from manager.migrate import upgrade  # noqa: E402
+from manager.reports import reporting, rollups  # noqa: E402
 from manager.zego.callbacks import Callback  # noqa: E402
 
 SECONDS_TARGET = 1.0
@@ -612,7 +613,7 @@ def check_history(engine: Engine, sample: int = 500) -> bool:
 def _fold_differs(conn: Any, task_pk: int) -> str | None:
     """The task folded from its events, against its rows; None if they agree."""
     from manager.callbacks.rules import fold
-    from manager.lifecycle import accepted_stop_event, delivery_event
+    from manager.callbacks.store import accepted_stop_event, delivery_event
 
     row = conn.execute(text("SELECT * FROM tasks WHERE id = :id"), {"id": task_pk}).mappings().one()
     deliveries = conn.execute(
@@ -807,8 +808,8 @@ def time_reports(url: str, now: datetime, repeat: int) -> list[tuple[str, float,
 
 def make_app(url: str) -> tuple[Any, dict[str, str]]:
     from manager import create_app
+    from manager.access.tokens import create_token
     from manager.config import Settings
-    from manager.tokens import create_token
 
     app = create_app(Settings(database_url=url, secret_key=secrets.token_hex(16)))
     with app.extensions["manager.sessions"]() as session:

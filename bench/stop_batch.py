@@ -30,10 +30,10 @@ sys.path.insert(0, str(ROOT))
 from common import bench_database, insert_running_tasks  # noqa: E402  (bench/common.py)
 
 from manager import create_app, dispose_engines  # noqa: E402
+from manager.access.tokens import create_token  # noqa: E402
 from manager.config import Settings  # noqa: E402
 from manager.db import make_engine  # noqa: E402
 from manager.migrate import upgrade  # noqa: E402
-from manager.tokens import create_token  # noqa: E402
 from tests.delay_proxy import DelayProxy  # noqa: E402
 
 ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -64,7 +64,7 @@ def time_requests(database_url: str, task_ids: list[str], rtt_ms: float, runs: i
         )
         app = create_app(settings)
         with app.app_context():
-            from manager import get_session
+            from manager.services import get_session
 
             token = create_token(get_session(), "bench")
             get_session().commit()

@@ -15,8 +15,11 @@ from dotenv import dotenv_values
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
-from .zego.client import DEFAULT_TIMEOUT
+from manager.zego.client import DEFAULT_TIMEOUT
 
+# Callbacks are a few hundred bytes; a body this large is refused unread (one route,
+# the bulk stop, allows more: manager/web/api.py).
+MAX_BODY_BYTES = 64 * 1024
 DEFAULT_API_URL = "https://rtc-api.zego.im/"
 UINT32_MAX = 2**32 - 1
 

@@ -1,59 +1,34 @@
-"""Domain errors and the one JSON error shape every response uses."""
+"""The domain's errors: what our rules say no with, without HTTP.
+
+Each carries a snake_case `code` that callers see as is and a message naming the
+problem (for invalid input, the field). The web edge maps the kinds to statuses
+and the one JSON error shape (manager/web/errors.py); the CLI to messages and
+exit codes (manager/cli/__init__.py).
+"""
 
 from __future__ import annotations
 
-import json
-import logging
 
-from flask import Flask, Response
-from sqlalchemy.exc import SQLAlchemyError
-from werkzeug.exceptions import HTTPException
+class DomainError(Exception):
+    """A rule of ours refused; `code` names the refusal."""
 
-log = logging.getLogger(__name__)
-
-
-class ApiError(Exception):
-    """An error with an HTTP status and a snake_case code, shown to the caller as is."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
-        self.status = status
         self.code = code
         self.message = message
 
 
-def error_body(code: str, message: str) -> bytes:
-    """The error shape, serialised as Flask's jsonify would (for the callback endpoint,
-    which answers without Flask)."""
-    error = {"error": {"code": code, "message": message}}
-    return json.dumps(error, separators=(",", ":"), sort_keys=True).encode() + b"\n"
+class Invalid(DomainError):
+    """The input breaks a rule; the message names the field."""
 
 
-def error_response(status: int, code: str, message: str) -> tuple[Response, int]:
-    return Response(error_body(code, message), mimetype="application/json"), status
+class NotFound(DomainError):
+    """What was asked for does not exist."""
 
 
-def http_error_parts(exc: HTTPException) -> tuple[int, str, str]:
-    """A werkzeug HTTP error as (status, code, message): 405 -> method_not_allowed."""
-    code = (exc.name or "error").lower().replace(" ", "_").replace("'", "")
-    return exc.code or 500, code, exc.description or exc.name
+class Conflict(DomainError):
+    """The request clashes with the current state (already stopped, already exists)."""
 
 
-def register_error_handlers(app: Flask) -> None:
-    @app.errorhandler(ApiError)
-    def _api_error(exc: ApiError) -> tuple[Response, int]:
-        return error_response(exc.status, exc.code, exc.message)
-
-    @app.errorhandler(HTTPException)
-    def _http_error(exc: HTTPException) -> tuple[Response, int]:
-        return error_response(*http_error_parts(exc))
-
-    @app.errorhandler(SQLAlchemyError)
-    def _database_error(exc: SQLAlchemyError) -> tuple[Response, int]:
-        log.warning("database unavailable: %s", type(exc).__name__)
-        return error_response(503, "database_unavailable", "the database cannot be reached")
-
-    @app.errorhandler(Exception)
-    def _unexpected(exc: Exception) -> tuple[Response, int]:
-        log.exception("unhandled error")
-        return error_response(500, "internal_error", "an unexpected error occurred")
+class NotConfigured(DomainError):
+    """The service lacks the settings this needs (ZEGO_APP_ID, ZEGO_SERVER_SECRET)."""

@@ -17,7 +17,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .models import WAIT_REASONS
+from manager.models import WAIT_REASONS
 
 DELIVERIES = Counter(
     "manager_callback_deliveries_total",

@@ -25,7 +25,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from .db import Base
+from manager.db import Base
 
 TASK_STATUSES = ("running", "stopping", "stopped", "failed")
 STOP_STATES = ("queued", "succeeded", "failed")

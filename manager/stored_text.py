@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import ApiError
+from manager.errors import Invalid
 
 MAX_REASON_LENGTH = 500  # stop_requests.reason and stop_batches.reason are String(500)
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
@@ -27,7 +27,7 @@ def check_storable(name: str, value: str, code: str = "invalid_parameter") -> st
     """`value`, or a 400 naming `name` when no text column can hold it."""
     problem = text_problem(value)
     if problem is not None:
-        raise ApiError(400, code, f"{name} {problem}")
+        raise Invalid(code, f"{name} {problem}")
     return value
 
 

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from werkzeug.test import EnvironBuilder, TestResponse
 from werkzeug.wrappers import Request
 
-from manager import MAX_BODY_BYTES
+from manager.config import MAX_BODY_BYTES
 from manager.models import Delivery, Task
 from manager.web.callbacks import STORED_BODY_BYTES
 from manager.zego.callbacks import MAX_CALLBACK_SEQUENCE

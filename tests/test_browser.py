@@ -17,7 +17,7 @@ import requests
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from manager.lifecycle import utcnow
+from manager.clock import utcnow
 from manager.models import Task, TaskRun
 from manager.zego.fake import FakeServer
 

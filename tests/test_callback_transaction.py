@@ -10,7 +10,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from manager import lifecycle
+from manager.callbacks import store as lifecycle
 from manager.models import CallbackNonce, Delivery, Task, TaskRun
 from manager.web import callbacks as web_callbacks
 

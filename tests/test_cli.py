@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,15 @@ def test_serve_refuses_a_bad_web_concurrency(tmp_path: Path, value: str) -> None
     )
     assert result.returncode != 0
     assert "WEB_CONCURRENCY" in result.stderr
+
+
+def test_manager_says_its_own_version_and_commands(tmp_path: Path) -> None:
+    version = run_manager("--version", DATABASE_URL=f"sqlite:///{tmp_path}/x.db")
+    assert version.returncode == 0, version.stderr
+    assert version.stdout.strip() == f"manager {metadata.version('manager')}"
+    shown = run_manager("--help", DATABASE_URL=f"sqlite:///{tmp_path}/x.db")
+    assert shown.returncode == 0, shown.stderr
+    assert "--app" not in shown.stdout
+    assert "--debug" not in shown.stdout
+    for command in ("db", "tokens", "tasks", "report", "stop", "worker", "rebuild", "serve"):
+        assert f"\n  {command} " in shown.stdout

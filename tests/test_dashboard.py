@@ -11,9 +11,9 @@ from flask.testing import FlaskClient, FlaskCliRunner
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from manager.charts import daily_chart, nice_ticks
-from manager.lifecycle import utcnow
+from manager.clock import utcnow
 from manager.models import StopRequest, Task, TaskRun
+from manager.web.charts import daily_chart, nice_ticks
 from manager.web.dashboard import chart_days, format_age
 from manager.zego.fake import Failure, FakeServer
 

@@ -9,7 +9,7 @@ from flask.testing import FlaskCliRunner
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from manager.housekeeping import SKEW_MARGIN_SECONDS, prune_nonces
+from manager.callbacks.nonces import SKEW_MARGIN_SECONDS, prune_nonces
 from manager.models import CallbackNonce
 
 MAX_AGE = 300

@@ -20,11 +20,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, delete, select
 
-from manager import ratelimit
 from manager.db import make_engine
 from manager.migrate import upgrade
 from manager.models import RateUnit
-from manager.ratelimit import (
+from manager.stops import ratelimit
+from manager.stops.ratelimit import (
     DRIFT,
     LEASE,
     MAX_UNITS,

@@ -15,9 +15,9 @@ import pytest
 from flask.testing import FlaskClient, FlaskCliRunner
 from sqlalchemy.orm import Session
 
-from manager import reporting
 from manager.models import Task, TaskRun
-from manager.reporting import Window
+from manager.reports import reporting
+from manager.reports.reporting import Window
 
 from .conftest import APP_ID, callback
 

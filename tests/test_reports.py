@@ -19,10 +19,10 @@ import pytest
 from flask.testing import FlaskClient, FlaskCliRunner
 from sqlalchemy.orm import Session
 
-from manager import reporting
 from manager.models import Delivery, StopRequest, Task, TaskRun
-from manager.reporting import DayRow, OwnerKey, OwnerRow, StuckTask, Window
-from manager.web.reports import decode_owners_cursor, encode_owners_cursor
+from manager.reports import reporting
+from manager.reports.params import decode_owners_cursor, encode_owners_cursor
+from manager.reports.reporting import DayRow, OwnerKey, OwnerRow, StuckTask, Window
 
 D = datetime(2025, 3, 10)
 NOW = D + timedelta(days=4)

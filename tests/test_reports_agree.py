@@ -23,9 +23,9 @@ from flask.testing import FlaskClient, FlaskCliRunner
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from manager import reporting
 from manager.models import TASK_STATUSES, RunDay, Task, TaskRun
-from manager.reporting import DayRow, Window
+from manager.reports import reporting
+from manager.reports.reporting import DayRow, Window
 
 from .conftest import callback
 

@@ -17,9 +17,9 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from manager import reporting
 from manager.models import TASK_STATUSES, RunDay, Task, TaskRun
-from manager.reporting import DayRow, OwnerRow, Window
+from manager.reports import reporting
+from manager.reports.reporting import DayRow, OwnerRow, Window
 
 BASE = datetime(2025, 6, 1)
 SPAN_DAYS = 6

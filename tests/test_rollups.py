@@ -11,11 +11,11 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from manager import reporting, rollups
 from manager.db import make_engine
 from manager.models import VERDICTS, Delivery, DeliveryHour, RunDay, Task, TaskRun
-from manager.reporting import Window
-from manager.rollups import HOUR, SEAL_DELAY
+from manager.reports import reporting, rollups
+from manager.reports.reporting import Window
+from manager.reports.rollups import HOUR, SEAL_DELAY
 
 NOW = datetime(2026, 3, 10, 12, 34, 56, 789000)
 START = NOW - timedelta(days=3)

@@ -17,11 +17,11 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from manager import get_dispatcher
-from manager.dispatch import NAME_LENGTH, Dispatcher, make_dispatcher, process_name
-from manager.lifecycle import utcnow
+from manager.clock import utcnow
 from manager.models import StopAttempt, StopRequest, Task
-from manager.stopping import (
+from manager.services import get_dispatcher
+from manager.stops.dispatch import NAME_LENGTH, Dispatcher, make_dispatcher, process_name
+from manager.stops.requests import (
     Job,
     RetryPolicy,
     claim_due,
@@ -30,7 +30,7 @@ from manager.stopping import (
     release,
     request_stop,
 )
-from manager.worker import StopWorker
+from manager.stops.worker import StopWorker
 from manager.zego.client import BAD_INPUT, ZegoReply
 from manager.zego.fake import FakeServer
 
@@ -206,7 +206,7 @@ def test_the_api_stores_an_answer_after_the_database_refused_it_once(
     deliver(client, sequence=3)
     fake_zego.fake.seed("s-1", "owner-1", sequence=3, notify=False)
     writes = refuse_the_first_write(api_dispatcher(app), monkeypatch)
-    monkeypatch.setattr("manager.dispatch.RECORD_RETRY_DELAY", 0.01)
+    monkeypatch.setattr("manager.stops.dispatch.RECORD_RETRY_DELAY", 0.01)
     response = client.post("/api/tasks/s-1/stop", headers=auth)
     assert response.status_code == 200, response.json
     assert response.json["stop_request"]["state"] == "succeeded"

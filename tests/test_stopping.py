@@ -14,12 +14,13 @@ from flask.testing import FlaskClient, FlaskCliRunner
 from sqlalchemy import event, func, insert, select, text, update
 from sqlalchemy.orm import Session
 
-from manager import MAX_BODY_BYTES, create_app, dispose_engines, reporting
-from manager.config import Settings
+from manager import create_app, dispose_engines
+from manager.clock import utcnow
+from manager.config import MAX_BODY_BYTES, Settings
 from manager.db import Base
-from manager.lifecycle import utcnow
 from manager.models import StopAttempt, StopRequest, Task
-from manager.stopping import (
+from manager.reports import reporting
+from manager.stops.requests import (
     MAX_BULK_TASKS,
     MAX_RESTOPS,
     RESTOP_BY,

@@ -19,9 +19,9 @@ from flask.testing import FlaskClient, FlaskCliRunner
 from sqlalchemy.orm import Session
 
 from manager.callbacks.rules import Ending
-from manager.lifecycle import utcnow
+from manager.clock import utcnow
 from manager.models import Task, TaskRun
-from manager.queries import run_end, run_seconds
+from manager.tasks.queries import run_end, run_seconds
 from manager.zego.fake import FakeServer
 
 from .conftest import APP_ID, callback

@@ -19,11 +19,11 @@ from sqlalchemy.orm import Session
 
 from manager import create_app, dispose_engines
 from manager.config import Settings
-from manager.dispatch import Dispatcher, make_dispatcher, send_on_unit
 from manager.models import StopAttempt, StopRequest
-from manager.ratelimit import RateShare, unit_calls
-from manager.stopping import Job
-from manager.worker import StopWorker
+from manager.stops.dispatch import Dispatcher, make_dispatcher, send_on_unit
+from manager.stops.ratelimit import RateShare, unit_calls
+from manager.stops.requests import Job
+from manager.stops.worker import StopWorker
 from manager.zego.fake import FakeServer
 
 from .conftest import callback
@@ -179,7 +179,7 @@ def test_an_operators_stop_without_a_unit_is_left_to_the_worker_saying_why(
     rate = app.extensions["manager.settings"].zego_rate_limit
     hog = RateShare(app.extensions["manager.engine"], "zego_api", rate)
     assert hog.acquire(1000) == len(unit_calls(rate))
-    monkeypatch.setattr("manager.dispatch.FIRST_ATTEMPT_MAX_WAIT", 0.3)
+    monkeypatch.setattr("manager.stops.dispatch.FIRST_ATTEMPT_MAX_WAIT", 0.3)
     caplog.set_level(logging.WARNING)
     response = client.post("/api/tasks/w-0/stop", headers=auth)
     assert response.status_code == 202, response.json

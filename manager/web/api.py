@@ -8,13 +8,15 @@ from flask import Blueprint, g, request
 from flask.blueprints import BlueprintSetupState
 from werkzeug.routing import PathConverter
 
-from .. import get_dispatcher, get_session, get_settings
-from ..db import begin_write
-from ..dispatch import stop_task_now
-from ..errors import ApiError
-from ..lifecycle import utcnow
-from ..models import StopBatch
-from ..queries import (
+from manager.clock import utcnow
+from manager.db import begin_write
+from manager.errors import Invalid, NotFound
+from manager.models import StopBatch
+from manager.services import get_dispatcher, get_session, get_settings
+from manager.stops.dispatch import stop_task_now
+from manager.stops.requests import BulkSelection, create_batch
+from manager.stored_text import check_storable, reason_problem
+from manager.tasks.queries import (
     TaskFilter,
     batch_json,
     decode_cursor,
@@ -32,9 +34,7 @@ from ..queries import (
     task_runs,
     task_stop_requests,
 )
-from ..stopping import BulkSelection, create_batch
-from ..stored_text import check_storable, reason_problem
-from .auth import require_token
+from manager.web.auth import require_token
 
 # MAX_BULK_TASKS ids of up to 256 characters, quoted and separated, with room to spare.
 BULK_BODY_BYTES = 3 * 1024 * 1024
@@ -162,7 +162,7 @@ def batch_detail(batch_id: int) -> dict[str, Any]:
     session = get_session()
     batch = session.get(StopBatch, batch_id)
     if batch is None:
-        raise ApiError(404, "unknown_batch", f"no stop batch {batch_id}")
+        raise NotFound("unknown_batch", f"no stop batch {batch_id}")
     return {"batch": batch_json(session, batch, with_items=True)}
 
 
@@ -171,7 +171,7 @@ def _json_body() -> dict[str, Any]:
         return {}
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
-        raise ApiError(400, "invalid_body", "the body must be a JSON object")
+        raise Invalid("invalid_body", "the body must be a JSON object")
     return body
 
 
@@ -180,10 +180,10 @@ def _reason(body: dict[str, Any]) -> str | None:
     if reason is None:
         return None
     if not isinstance(reason, str):
-        raise ApiError(400, "invalid_body", "reason must be a string")
+        raise Invalid("invalid_body", "reason must be a string")
     problem = reason_problem(reason)
     if problem is not None:
-        raise ApiError(400, "invalid_body", f"reason {problem}")
+        raise Invalid("invalid_body", f"reason {problem}")
     return reason
 
 
@@ -197,7 +197,7 @@ def _force(raw: str | None) -> bool:
     if raw.lower() not in FORCE_VALUES:
         # "?force" alone, or a typo, is a 400: read as false it would quietly not force.
         spellings = ", ".join(FORCE_VALUES)
-        raise ApiError(400, "invalid_parameter", f"force must be one of {spellings} (any case)")
+        raise Invalid("invalid_parameter", f"force must be one of {spellings} (any case)")
     return FORCE_VALUES[raw.lower()]
 
 

@@ -8,9 +8,9 @@ from typing import Any, TypeVar
 
 from flask import g, request
 
-from .. import get_session
-from ..errors import ApiError
-from ..tokens import authenticate
+from manager.access.tokens import authenticate
+from manager.services import get_session
+from manager.web.errors import HttpError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -33,7 +33,7 @@ def require_token(view: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         name = current_token_name()
         if name is None:
-            raise ApiError(401, "unauthorized", "a valid bearer token is required")
+            raise HttpError(401, "unauthorized", "a valid bearer token is required")
         g.operator = name
         return view(*args, **kwargs)
 

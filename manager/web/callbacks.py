@@ -26,14 +26,14 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.http import HTTP_STATUS_CODES
 from werkzeug.wsgi import get_content_length, get_input_stream
 
-from .. import MAX_BODY_BYTES
-from ..config import Settings
-from ..db import write_connection, write_then_read
-from ..errors import error_body, http_error_parts
-from ..lifecycle import apply_callback, apply_optimistically, utcnow
-from ..metrics import CALLBACK_LATENCY, count_delivery, count_fold
-from ..models import Delivery
-from ..zego.callbacks import (
+from manager.callbacks.store import apply_callback, apply_optimistically
+from manager.clock import utcnow
+from manager.config import MAX_BODY_BYTES, Settings
+from manager.db import write_connection, write_then_read
+from manager.metrics import CALLBACK_LATENCY, count_delivery, count_fold
+from manager.models import Delivery
+from manager.web.errors import error_body, http_error_parts
+from manager.zego.callbacks import (
     EVENT_START,
     EVENT_STOP,
     CallbackError,

@@ -32,15 +32,18 @@ from markupsafe import Markup
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
-from .. import get_dispatcher, get_session, get_settings, reporting
-from ..callbacks.rules import Ending
-from ..charts import daily_chart
-from ..db import begin_write
-from ..dispatch import stop_task_now
-from ..errors import ApiError
-from ..lifecycle import utcnow
-from ..models import ApiToken, Delivery, StopRequest, Task
-from ..queries import (
+from manager.access.tokens import authenticate
+from manager.callbacks.rules import Ending
+from manager.clock import utcnow
+from manager.db import begin_write
+from manager.errors import DomainError
+from manager.models import ApiToken, Delivery, StopRequest, Task
+from manager.reports import reporting
+from manager.services import get_dispatcher, get_session, get_settings
+from manager.stops.dispatch import stop_task_now
+from manager.stops.requests import WAIT_REASON_TEXT
+from manager.stored_text import text_problem
+from manager.tasks.queries import (
     count_runs,
     find_task,
     run_end,
@@ -48,10 +51,8 @@ from ..queries import (
     task_deliveries,
     task_runs,
 )
-from ..stopping import WAIT_REASON_TEXT
-from ..stored_text import text_problem
-from ..tokens import authenticate
-from .api import TaskIdConverter
+from manager.web.api import TaskIdConverter
+from manager.web.charts import daily_chart
 
 CHART_DAYS = 14
 DELIVERY_ROWS = 50
@@ -240,7 +241,7 @@ def task(task_id: str) -> ResponseReturnValue:
     db = get_session()
     try:
         found = find_task(db, task_id, get_settings().zego_app_id)
-    except ApiError:
+    except DomainError:
         db.rollback()
         return render_template("task.html", task_id=task_id, task=None), 404
     now = utcnow()
@@ -326,7 +327,7 @@ def stop() -> ResponseReturnValue:
             reason="stopped from the dashboard",
             force=False,
         )
-    except ApiError as exc:
+    except DomainError as exc:
         get_session().rollback()
         flash(f"Could not stop {task_id}: {exc.message}.", "error")
         return redirect(back)

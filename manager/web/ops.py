@@ -5,11 +5,11 @@ from __future__ import annotations
 from flask import Blueprint, Response, current_app, jsonify
 from sqlalchemy.exc import SQLAlchemyError
 
-from .. import get_session
-from ..errors import error_response
-from ..metrics import render
-from ..migrate import is_at_head
-from ..stopping import queued_by_wait_reason
+from manager.metrics import render
+from manager.migrate import is_at_head
+from manager.services import get_session
+from manager.stops.requests import queued_by_wait_reason
+from manager.web.errors import error_response
 
 bp = Blueprint("ops", __name__)
 

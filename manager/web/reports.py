@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import csv
 import io
 import itertools
@@ -15,33 +13,34 @@ from typing import Any
 from flask import Blueprint, Response, current_app, request
 from sqlalchemy.orm import Session
 
-from .. import get_session
-from ..csv_cells import safe_row
-from ..errors import ApiError
-from ..queries import is_number, iso, parse_limit, parse_range
-from ..reporting import (
+from manager.errors import Invalid, NotFound
+from manager.reports.csv_cells import safe_row
+from manager.reports.params import (
+    check_days,
+    decode_owners_cursor,
+    encode_owners_cursor,
+    parse_silent_for,
+    parse_window,
+)
+from manager.reports.reporting import (
     COLUMNS,
-    DEFAULT_SILENT_FOR,
     LIST_KEYS,
-    MAX_DAYS,
     MAX_OWNERS_LIMIT,
     OWNERS_LIMIT,
     REPORTS,
-    OwnerKey,
     Window,
     daily,
-    daily_window,
-    day_count,
     flatten,
     owners,
     owners_page,
     row_values,
     stuck,
     summary,
-    utcnow,
 )
-from ..stored_text import check_storable
-from .auth import require_token
+from manager.services import get_session
+from manager.stored_text import check_storable
+from manager.tasks.queries import iso, parse_limit
+from manager.web.auth import require_token
 
 bp = Blueprint("reports", __name__, url_prefix="/api/reports")
 
@@ -50,7 +49,7 @@ bp = Blueprint("reports", __name__, url_prefix="/api/reports")
 @require_token
 def report(name: str) -> Response:
     if name not in REPORTS:
-        raise ApiError(404, "unknown_report", f"no report {name!r}; try {', '.join(REPORTS)}")
+        raise NotFound("unknown_report", f"no report {name!r}; try {', '.join(REPORTS)}")
     args = request.args
     fmt = _format()
     window = parse_window(args.get("since"), args.get("until"))
@@ -117,58 +116,13 @@ def _list_response(name: str, fmt: str, values: Iterator[list[Any]]) -> Response
     return _json_list_response(LIST_KEYS[name], COLUMNS[name], values)
 
 
-def parse_window(since_raw: str | None, until_raw: str | None) -> Window:
-    """since/until as a Window; a bad value is a 400 naming the parameter."""
-    since, until = parse_range(since_raw, until_raw)
-    return Window(since, until)
-
-
-def encode_owners_cursor(key: OwnerKey, now: datetime) -> str:
-    """Where the next page of owners starts, and the time the listing is worked out at."""
-    raw = json.dumps([key.busy_us, key.owner, now.isoformat()], separators=(",", ":"))
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
-
-
-def decode_owners_cursor(raw: str | None) -> tuple[OwnerKey | None, datetime]:
-    """The key and time of a cursor from encode_owners_cursor; none: from the top, now."""
-    if raw is None or raw == "":
-        return None, utcnow()
-    try:
-        text = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode()
-        busy_us, owner, at = json.loads(text)
-        now = datetime.fromisoformat(at)
-        valid_key = type(busy_us) is int and 0 <= busy_us < 2**63 and isinstance(owner, str | None)
-        if not valid_key or now.tzinfo is not None:
-            raise ValueError(raw)
-        return OwnerKey(busy_us, owner), now
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError):
-        raise ApiError(400, "invalid_parameter", "cursor is not one this API issued") from None
-
-
-def check_days(window: Window) -> None:
-    """Refuse a daily report of more days than MAX_DAYS."""
-    full = daily_window(window)
-    assert full.since is not None  # noqa: S101
-    assert full.until is not None  # noqa: S101
-    if day_count(full.since, full.until) > MAX_DAYS:
-        raise ApiError(400, "invalid_parameter", f"since/until span more than {MAX_DAYS} days")
-
-
-def parse_silent_for(raw: str | None) -> int:
-    if raw is None or raw == "":
-        return DEFAULT_SILENT_FOR
-    if not is_number(raw) or len(raw) > 10:
-        raise ApiError(400, "invalid_parameter", "silent_for must be a number of seconds")
-    return int(raw)
-
-
 def _format() -> str:
     raw = request.args.get("format")
     if raw is None or raw == "":
         best = request.accept_mimetypes.best_match(["application/json", "text/csv"])
         return "csv" if best == "text/csv" else "json"
     if raw not in ("json", "csv"):
-        raise ApiError(400, "invalid_parameter", "format must be json or csv")
+        raise Invalid("invalid_parameter", "format must be json or csv")
     return raw
 
 

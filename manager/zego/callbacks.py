@@ -1,6 +1,6 @@
 """Parse and verify a raw ZEGOCLOUD transcode callback into a typed value.
 
-Nothing here touches the database; see `manager.lifecycle` for what a verified
+Nothing here touches the database; see `manager.callbacks.store` for what a verified
 callback does to a task.
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote, unquote_plus
 
-from .signing import callback_signature_matches
+from manager.zego.signing import callback_signature_matches
 
 EVENT_START = "transcode_start"
 EVENT_STOP = "transcode_stop"

@@ -10,8 +10,8 @@ from typing import Any, Literal
 
 import requests
 
-from .guard import GuardedAdapter, SendGuard, guarded
-from .signing import api_signature, new_nonce
+from manager.zego.guard import GuardedAdapter, SendGuard, guarded
+from manager.zego.signing import api_signature, new_nonce
 
 log = logging.getLogger(__name__)
 

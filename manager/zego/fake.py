@@ -23,7 +23,7 @@ import requests
 from flask import Flask, Response, jsonify, request
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
-from .signing import api_signature, new_nonce, signed_callback
+from manager.zego.signing import api_signature, new_nonce, signed_callback
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
-from manager import reporting
+from manager.callbacks.store import apply_accepted_stops, utc_from_timestamp
 from manager.db import write_connection
-from manager.lifecycle import apply_accepted_stops, utc_from_timestamp
 from manager.models import StopAttempt, StopRequest, Task, TaskRun
+from manager.reports import reporting
 from manager.zego.signing import new_nonce, signed_callback
 
 from ..conftest import APP_ID, CALLBACK_SECRET, callback

@@ -6,10 +6,10 @@ import click
 from flask import current_app
 from flask.cli import with_appcontext
 
-from .db import WRITE_OPTION
-from .lifecycle import utcnow
-from .rebuild import Rebuilt, rebuild
-from .stored_text import text_problem
+from manager.callbacks.rebuild import Rebuilt, rebuild
+from manager.clock import utcnow
+from manager.db import WRITE_OPTION
+from manager.stored_text import text_problem
 
 
 @click.command("rebuild")

@@ -27,13 +27,13 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from .db import write_transaction
-from .dispatch import Dispatcher, log_call, send_on_unit
-from .housekeeping import prune_nonces
-from .lifecycle import utcnow
-from .ratelimit import Grant, unit_calls
-from .stopping import Job, claim_due, queue_restop, release, stuck_stopping
-from .zego.client import ZegoReply
+from manager.callbacks.nonces import prune_nonces
+from manager.clock import utcnow
+from manager.db import write_transaction
+from manager.stops.dispatch import Dispatcher, log_call, send_on_unit
+from manager.stops.ratelimit import Grant, unit_calls
+from manager.stops.requests import Job, claim_due, queue_restop, release, stuck_stopping
+from manager.zego.client import ZegoReply
 
 log = logging.getLogger(__name__)
 

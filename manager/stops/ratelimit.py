@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import Engine, bindparam, text
 
-from .models import RateUnit
-from .sqlutil import insert_ignore_rows
+from manager.models import RateUnit
+from manager.sqlutil import insert_ignore_rows
 
 # How much later than its write ZEGOCLOUD may count one call than another: the
 # network's jitter and the far end's own scheduling. Measured against the fake on

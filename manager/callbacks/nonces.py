@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
-from .models import CallbackNonce
+from manager.models import CallbackNonce
 
 SKEW_MARGIN_SECONDS = 3600
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import requests
 
-from .zego.client import make_client
+from manager.zego.client import make_client
 
 DEMO_APP_ID = 1_000_001
 BIN = Path(sys.executable).parent

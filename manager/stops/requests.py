@@ -28,11 +28,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from .errors import ApiError
-from .lifecycle import ENDED, apply_accepted_stops
-from .models import Delivery, StopAttempt, StopBatch, StopRequest, Task
-from .sqlutil import insert_for, insert_ignore
-from .zego.client import BAD_INPUT, ZegoReply
+from manager.callbacks.store import ENDED, apply_accepted_stops
+from manager.errors import Conflict, Invalid
+from manager.models import Delivery, StopAttempt, StopBatch, StopRequest, Task
+from manager.sqlutil import insert_for, insert_ignore
+from manager.zego.client import BAD_INPUT, ZegoReply
 
 RESTOP_AFTER = timedelta(seconds=120)
 MAX_RESTOPS = 3
@@ -108,9 +108,9 @@ def request_stop(
         if latest is not None and latest.state == "succeeded":
             return latest, False
     if task.status in ENDED and not force:
-        raise ApiError(409, "already_stopped", f"task {task.task_id!r} is already {task.status}")
+        raise Conflict("already_stopped", f"task {task.task_id!r} is already {task.status}")
     if task.owner is None:
-        raise ApiError(409, "owner_unknown", "no start callback has named this task's owner yet")
+        raise Conflict("owner_unknown", "no start callback has named this task's owner yet")
     stop = StopRequest(
         task_pk=task.id,
         state="queued",
@@ -480,25 +480,25 @@ class BulkSelection:
     @classmethod
     def from_json(cls, body: Any) -> BulkSelection:
         if not isinstance(body, dict):
-            raise ApiError(400, "invalid_body", "the body must be a JSON object")
+            raise Invalid("invalid_body", "the body must be a JSON object")
         given = [
             k for k in ("task_ids", "owner", "all_running") if body.get(k) not in (None, False)
         ]
         if len(given) != 1:
-            raise ApiError(400, "invalid_body", "give exactly one of task_ids, owner, all_running")
+            raise Invalid("invalid_body", "give exactly one of task_ids, owner, all_running")
         if given == ["task_ids"]:
             ids = body["task_ids"]
             if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
-                raise ApiError(400, "invalid_body", "task_ids must be a non-empty list of strings")
+                raise Invalid("invalid_body", "task_ids must be a non-empty list of strings")
             if len(ids) > MAX_BULK_TASKS:
-                raise ApiError(400, "invalid_body", f"task_ids holds at most {MAX_BULK_TASKS}")
+                raise Invalid("invalid_body", f"task_ids holds at most {MAX_BULK_TASKS}")
             return cls(task_ids=tuple(dict.fromkeys(ids)))
         if given == ["owner"]:
             if not isinstance(body["owner"], str):
-                raise ApiError(400, "invalid_body", "owner must be a string")
+                raise Invalid("invalid_body", "owner must be a string")
             return cls(owner=body["owner"])
         if body["all_running"] is not True:
-            raise ApiError(400, "invalid_body", "all_running must be true")
+            raise Invalid("invalid_body", "all_running must be true")
         return cls(all_running=True)
 
     def as_json(self) -> dict[str, Any]:

@@ -53,7 +53,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 
-from .callbacks.rules import (
+from manager.callbacks.rules import (
     ENDED,
     FAILED_ON_ITS_OWN,
     NO_POSITION,
@@ -66,9 +66,10 @@ from .callbacks.rules import (
     extend,
     fold,
 )
-from .models import CallbackNonce, Delivery, StopAttempt, StopRequest, Task, TaskRun
-from .sqlutil import driver_execute, driver_send
-from .zego.callbacks import STATUS_STARTED, Callback, CallbackError
+from manager.clock import utcnow
+from manager.models import CallbackNonce, Delivery, StopAttempt, StopRequest, Task, TaskRun
+from manager.sqlutil import driver_execute, driver_send
+from manager.zego.callbacks import STATUS_STARTED, Callback, CallbackError
 
 __all__ = ["ENDED", "Outcome", "TaskState", "apply_callback", "utcnow"]
 
@@ -127,10 +128,6 @@ class Change:
 def utc_from_timestamp(ts: int) -> datetime:
     """ZEGOCLOUD's Unix seconds as the naive UTC datetime stored everywhere."""
     return datetime.fromtimestamp(ts, UTC).replace(tzinfo=None)
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
 
 
 def event_of(cb: Callback) -> Event:

@@ -19,16 +19,23 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from .config import Settings
-from .db import begin_write, write_transaction
-from .lifecycle import utcnow
-from .metrics import count_stop_wait
-from .models import StopRequest
-from .queries import find_task
-from .ratelimit import Grant, RateShare
-from .stopping import Job, RetryPolicy, prepare_attempt, record_attempts, release, request_stop
-from .zego.client import DEFAULT_POOL_SIZE, ClientConfig, ZegoClient, ZegoReply
-from .zego.guard import DeadlinePassed, SendGuard
+from manager.clock import utcnow
+from manager.config import Settings
+from manager.db import begin_write, write_transaction
+from manager.metrics import count_stop_wait
+from manager.models import StopRequest
+from manager.stops.ratelimit import Grant, RateShare
+from manager.stops.requests import (
+    Job,
+    RetryPolicy,
+    prepare_attempt,
+    record_attempts,
+    release,
+    request_stop,
+)
+from manager.tasks.queries import find_task
+from manager.zego.client import DEFAULT_POOL_SIZE, ClientConfig, ZegoClient, ZegoReply
+from manager.zego.guard import DeadlinePassed, SendGuard
 
 log = logging.getLogger(__name__)
 
@@ -213,10 +220,10 @@ def make_dispatcher(
 ) -> Dispatcher:
     """The engine should be in autocommit (PostgreSQL) where one is at hand: a unit's
     lease, renewal or return is then one statement, one round trip."""
-    from .errors import ApiError
+    from manager.errors import NotConfigured
 
     if settings.zego_app_id is None or not settings.zego_server_secret:
-        raise ApiError(503, "not_configured", "ZEGO_APP_ID and ZEGO_SERVER_SECRET must be set")
+        raise NotConfigured("not_configured", "ZEGO_APP_ID and ZEGO_SERVER_SECRET must be set")
     return Dispatcher(
         sessions=sessions,
         client_config=ClientConfig(

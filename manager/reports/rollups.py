@@ -38,10 +38,10 @@ from sqlalchemy import Connection, Engine, func, select, union_all
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from .config import MAX_CALLBACK_MAX_AGE
-from .db import write_connection
-from .models import VERDICTS, Delivery, DeliveryHour, RunDay, TaskRun
-from .sqlutil import insert_ignore_rows
+from manager.config import MAX_CALLBACK_MAX_AGE
+from manager.db import write_connection
+from manager.models import VERDICTS, Delivery, DeliveryHour, RunDay, TaskRun
+from manager.sqlutil import insert_ignore_rows
 
 log = logging.getLogger(__name__)
 

@@ -11,10 +11,12 @@ import click
 from flask import current_app
 from flask.cli import with_appcontext
 
-from .csv_cells import safe_row
-from .errors import ApiError
-from .queries import iso, parse_limit
-from .reporting import (
+from manager.cli.common import echo_table
+from manager.cli.errors import failure
+from manager.errors import DomainError, Invalid
+from manager.reports.csv_cells import safe_row
+from manager.reports.params import check_days, parse_silent_for, parse_window
+from manager.reports.reporting import (
     COLUMNS,
     LIST_KEYS,
     MAX_OWNERS_LIMIT,
@@ -28,7 +30,8 @@ from .reporting import (
     stuck,
     summary,
 )
-from .stored_text import check_storable
+from manager.stored_text import check_storable
+from manager.tasks.queries import iso, parse_limit
 
 
 @click.command("report")
@@ -63,7 +66,6 @@ def report_command(
     limit: str | None,
 ) -> None:
     """Print a report: summary, owners, daily or stuck."""
-    from .web.reports import check_days, parse_silent_for, parse_window
 
     try:
         window = parse_window(since, until)
@@ -71,12 +73,12 @@ def report_command(
         if name == "daily":
             check_days(window)
         if limit is not None and name != "owners":
-            raise ApiError(400, "invalid_parameter", "--limit applies to the owners report only")
+            raise Invalid("invalid_parameter", "--limit applies to the owners report only")
         first = parse_limit(limit, OWNERS_LIMIT, MAX_OWNERS_LIMIT)
         if owner is not None:
             check_storable("--owner", owner)
-    except ApiError as exc:
-        raise click.ClickException(exc.message) from None
+    except DomainError as exc:
+        raise failure(exc) from None
 
     with current_app.extensions["manager.sessions"]() as session:
         if name == "summary":
@@ -88,8 +90,6 @@ def report_command(
             if fmt == "csv":
                 _echo_csv(list(flat), [list(flat.values())])
             else:
-                from .cli import echo_table
-
                 echo_table(["field", "value"], [(k, _cell(v)) for k, v in flat.items()])
             return
         more = False
@@ -114,8 +114,6 @@ def report_command(
                 listing["more"] = more
             click.echo(json.dumps(listing, indent=2))
         else:
-            from .cli import echo_table
-
             echo_table(columns, ([_cell(v) for v in row] for row in values))
         if more and fmt == "table":
             click.echo(

@@ -18,8 +18,8 @@ from typing import Any
 
 from sqlalchemy import Connection, delete, select
 
-from .callbacks.rules import Event, History, Run, fold
-from .lifecycle import (
+from manager.callbacks.rules import Event, History, Run, fold
+from manager.callbacks.store import (
     ACCEPTED_STOP_COLUMNS,
     ACCEPTED_STOPS,
     EVENT_COLUMNS,
@@ -33,7 +33,7 @@ from .lifecycle import (
     stored_run,
     write_back,
 )
-from .models import Delivery, RunDay, StopRequest, Task, TaskRun
+from manager.models import Delivery, RunDay, StopRequest, Task, TaskRun
 
 BATCH = 2000
 

@@ -11,10 +11,10 @@ from typing import Any
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
-from .callbacks.rules import Ending
-from .errors import ApiError
-from .lifecycle import stored_run
-from .models import (
+from manager.callbacks.rules import Ending
+from manager.callbacks.store import stored_run
+from manager.errors import Invalid, NotFound
+from manager.models import (
     STOP_STATES,
     TASK_STATUSES,
     Delivery,
@@ -61,12 +61,9 @@ def parse_time(name: str, raw: str | None) -> datetime | None:
         if parsed.tzinfo is not None:
             parsed = parsed.astimezone(UTC).replace(tzinfo=None)
     except (ValueError, OverflowError, OSError):
-        raise ApiError(
-            400, "invalid_parameter", f"{name} must be ISO 8601 or Unix seconds"
-        ) from None
+        raise Invalid("invalid_parameter", f"{name} must be ISO 8601 or Unix seconds") from None
     if not EARLIEST <= parsed <= LATEST:
-        raise ApiError(
-            400,
+        raise Invalid(
             "invalid_parameter",
             f"{name} must be from {EARLIEST.date().isoformat()} to {LATEST.date().isoformat()}",
         )
@@ -80,7 +77,7 @@ def parse_range(
     since = parse_time("since", since_raw)
     until = parse_time("until", until_raw)
     if since is not None and until is not None and until <= since:
-        raise ApiError(400, "invalid_parameter", "until must be later than since")
+        raise Invalid("invalid_parameter", "until must be later than since")
     return since, until
 
 
@@ -88,9 +85,7 @@ def parse_status(raw: str | None) -> str | None:
     if raw in (None, ""):
         return None
     if raw not in TASK_STATUSES:
-        raise ApiError(
-            400, "invalid_parameter", f"status must be one of {', '.join(TASK_STATUSES)}"
-        )
+        raise Invalid("invalid_parameter", f"status must be one of {', '.join(TASK_STATUSES)}")
     return raw
 
 
@@ -100,7 +95,7 @@ def parse_limit(raw: str | None, default: int = 50, maximum: int = MAX_PAGE) -> 
         return default
     assert raw is not None  # noqa: S101
     if not is_number(raw) or not 1 <= int(raw) <= maximum:
-        raise ApiError(400, "invalid_parameter", f"limit must be an integer from 1 to {maximum}")
+        raise Invalid("invalid_parameter", f"limit must be an integer from 1 to {maximum}")
     return int(raw)
 
 
@@ -118,7 +113,7 @@ def decode_cursor(raw: str | None) -> int | None:
             raise ValueError(text)
         return int(text)
     except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise ApiError(400, "invalid_parameter", "cursor is not one this API issued") from None
+        raise Invalid("invalid_parameter", "cursor is not one this API issued") from None
 
 
 def task_query(flt: TaskFilter) -> Select[Any]:
@@ -155,7 +150,7 @@ def find_task(session: Session, task_id: str, app_id: int | None) -> Task:
         query = query.where(Task.app_id == app_id)
     task = session.execute(query.order_by(Task.id).limit(1)).scalar_one_or_none()
     if task is None:
-        raise ApiError(404, "unknown_task", f"no task {task_id!r}")
+        raise NotFound("unknown_task", f"no task {task_id!r}")
     return task
 
 

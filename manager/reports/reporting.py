@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import date, datetime, time, timedelta
 from operator import attrgetter
 from typing import Any, TypeAlias
 
@@ -43,9 +43,18 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from . import rollups
-from .callbacks.rules import FAILED_ON_ITS_OWN
-from .models import STOP_STATES, TASK_STATUSES, VERDICTS, Delivery, StopRequest, Task, TaskRun
+from manager.callbacks.rules import FAILED_ON_ITS_OWN
+from manager.clock import utcnow
+from manager.models import (
+    STOP_STATES,
+    TASK_STATUSES,
+    VERDICTS,
+    Delivery,
+    StopRequest,
+    Task,
+    TaskRun,
+)
+from manager.reports import rollups
 
 REPORTS = ("summary", "owners", "daily", "stuck")
 STOPPING_GRACE = timedelta(seconds=120)
@@ -145,10 +154,6 @@ LIST_KEYS = {"owners": "owners", "daily": "days", "stuck": "tasks"}
 _FIELD_GETTERS = {
     kind: attrgetter(*(f.name for f in fields(kind))) for kind in (OwnerRow, DayRow, StuckTask)
 }
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
 
 
 # --- summary ------------------------------------------------------------------------------

@@ -10,10 +10,10 @@ from datetime import datetime, timedelta
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from .errors import ApiError
-from .lifecycle import utcnow
-from .models import ApiToken
-from .stopping import RESTOP_BY
+from manager.clock import utcnow
+from manager.errors import Conflict, Invalid, NotFound
+from manager.models import ApiToken
+from manager.stops.requests import RESTOP_BY
 
 LAST_USED_RESOLUTION = timedelta(minutes=1)
 TOKEN_PREFIX = "mgr_"  # noqa: S105 - a marker for secret scanners, not a secret
@@ -36,12 +36,12 @@ def create_token(session: Session, name: str) -> str:
     """Store a new token under `name` and return it; it is never shown again."""
     name = name.strip()
     if not name or len(name) > 128:
-        raise ApiError(400, "invalid_name", "a token name is 1 to 128 characters")
+        raise Invalid("invalid_name", "a token name is 1 to 128 characters")
     if name == RESTOP_BY:
         # Stop requests record their token's name; this one marks the worker's re-stops.
-        raise ApiError(400, "invalid_name", f"the token name {name!r} is reserved")
+        raise Invalid("invalid_name", f"the token name {name!r} is reserved")
     if session.execute(select(ApiToken.id).where(ApiToken.name == name)).first():
-        raise ApiError(409, "token_exists", f"a token named {name!r} already exists")
+        raise Conflict("token_exists", f"a token named {name!r} already exists")
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
     session.add(ApiToken(name=name, token_hash=hash_token(token), created_at=utcnow()))
     session.flush()
@@ -60,7 +60,7 @@ def revoke_token(session: Session, name: str) -> None:
         .values(revoked_at=utcnow())
     )
     if result.rowcount == 0:  # type: ignore[attr-defined]
-        raise ApiError(404, "unknown_token", f"no active token named {name!r}")
+        raise NotFound("unknown_token", f"no active token named {name!r}")
 
 
 def authenticate(session: Session, token: str) -> str | None:

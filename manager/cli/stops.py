@@ -1,0 +1,92 @@
+"""`manager stop` (one task, now) and `manager worker` (the queue, within the rate limit)."""
+
+from __future__ import annotations
+
+import os
+
+import click
+from flask import current_app
+from flask.cli import with_appcontext
+
+from manager.cli.common import new_session, stop_reason, storable
+from manager.cli.errors import domain_errors
+from manager.services import get_dispatcher
+from manager.stops.dispatch import make_dispatcher, stop_task_now
+from manager.stops.requests import WAIT_REASON_TEXT
+
+
+@click.command("stop")
+@click.argument("task_id", callback=storable)
+@click.option("--reason", callback=stop_reason, help="why, recorded with the stop request")
+@click.option("--force", is_flag=True, help="stop even if the task is recorded as stopped")
+@with_appcontext
+def stop_command(task_id: str, reason: str | None, force: bool) -> None:
+    """Stop a task through StopCloudTranscode, as its recorded owner."""
+
+    settings = current_app.extensions["manager.settings"]
+    who = f"cli:{os.environ.get('USER') or os.environ.get('LOGNAME') or 'unknown'}"
+    with new_session() as session, domain_errors():
+        stop, created = stop_task_now(
+            session,
+            get_dispatcher(),
+            task_id,
+            app_id=settings.zego_app_id,
+            requested_by=who,
+            reason=reason,
+            force=force,
+        )
+    code = f" (ZEGO {stop.last_code}: {stop.last_message})" if stop.last_code is not None else ""
+    if stop.state == "queued" and stop.wait_reason is not None:
+        code += f" ({WAIT_REASON_TEXT[stop.wait_reason]})"
+    prefix = "" if created else "already in flight: "
+    click.echo(f"{prefix}stop request {stop.id} seq={stop.sequence} {stop.state}{code}")
+    if stop.state == "failed":
+        raise click.ClickException("ZEGOCLOUD refused the stop")
+
+
+@click.command("worker")
+@click.option("--once", is_flag=True, help="run one pass and exit")
+@click.option(
+    "--threads",
+    default=64,
+    show_default=True,
+    type=click.IntRange(1, 512),
+    help="calls to ZEGOCLOUD that may be in flight at once (sender threads and connections)",
+)
+@with_appcontext
+def worker_command(once: bool, threads: int) -> None:
+    """Send queued stop requests within the shared rate limit; re-stop stuck tasks."""
+    import logging
+    import signal
+    import threading
+
+    # Every attempt, wait and give-up is logged: show them, with time and level.
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+    from manager.stops.worker import StopWorker
+
+    ext = current_app.extensions
+    with domain_errors():
+        dispatcher = make_dispatcher(
+            ext["manager.settings"],
+            ext.get("manager.autocommit_engine", ext["manager.engine"]),
+            ext["manager.sessions"],
+            "worker",
+            pool_size=threads,
+        )
+    worker = StopWorker(
+        dispatcher, threads=threads, nonce_max_age=ext["manager.settings"].callback_max_age
+    )
+    try:
+        if once:
+            click.echo(f"{worker.run_once()} attempts made")
+            return
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        click.echo(f"worker {dispatcher.name} running; Ctrl-C stops it", err=True)
+        worker.run_forever(stop)
+    finally:
+        worker.close()

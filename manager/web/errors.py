@@ -1,0 +1,79 @@
+"""The one JSON error shape, and the statuses the domain's errors map to."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from flask import Flask, Response
+from sqlalchemy.exc import SQLAlchemyError
+from werkzeug.exceptions import HTTPException
+
+from manager.errors import Conflict, DomainError, Invalid, NotConfigured, NotFound
+
+log = logging.getLogger(__name__)
+
+STATUS_OF: dict[type[DomainError], int] = {
+    Invalid: 400,
+    NotFound: 404,
+    Conflict: 409,
+    NotConfigured: 503,
+}
+
+
+class HttpError(Exception):
+    """An error only the web edge has (401 without a token): a status and a code."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def status_of(exc: DomainError) -> int:
+    for kind in type(exc).__mro__:
+        if kind in STATUS_OF:
+            return STATUS_OF[kind]
+    return 400
+
+
+def error_body(code: str, message: str) -> bytes:
+    """The error shape, serialised as Flask's jsonify would (for the callback endpoint,
+    which answers without Flask)."""
+    error = {"error": {"code": code, "message": message}}
+    return json.dumps(error, separators=(",", ":"), sort_keys=True).encode() + b"\n"
+
+
+def error_response(status: int, code: str, message: str) -> tuple[Response, int]:
+    return Response(error_body(code, message), mimetype="application/json"), status
+
+
+def http_error_parts(exc: HTTPException) -> tuple[int, str, str]:
+    """A werkzeug HTTP error as (status, code, message): 405 -> method_not_allowed."""
+    code = (exc.name or "error").lower().replace(" ", "_").replace("'", "")
+    return exc.code or 500, code, exc.description or exc.name
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(DomainError)
+    def _domain_error(exc: DomainError) -> tuple[Response, int]:
+        return error_response(status_of(exc), exc.code, exc.message)
+
+    @app.errorhandler(HttpError)
+    def _http_only_error(exc: HttpError) -> tuple[Response, int]:
+        return error_response(exc.status, exc.code, exc.message)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> tuple[Response, int]:
+        return error_response(*http_error_parts(exc))
+
+    @app.errorhandler(SQLAlchemyError)
+    def _database_error(exc: SQLAlchemyError) -> tuple[Response, int]:
+        log.warning("database unavailable: %s", type(exc).__name__)
+        return error_response(503, "database_unavailable", "the database cannot be reached")
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> tuple[Response, int]:
+        log.exception("unhandled error")
+        return error_response(500, "internal_error", "an unexpected error occurred")
