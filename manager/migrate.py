@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
 from alembic import command
@@ -10,7 +11,8 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine
 
-MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+# migrations/ at the top of the repository, shipped inside the wheel as manager.migrations.
+MIGRATIONS = Path(str(resources.files("manager.migrations")))
 
 
 def alembic_config(engine: Engine, connection: Connection | None = None) -> Config:

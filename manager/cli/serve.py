@@ -38,8 +38,8 @@ def _default_workers(raw: str) -> int:
 )
 @with_appcontext
 def serve_command(host: str, port: int, workers: int | None) -> None:
-    """Upgrade the schema, then serve wsgi.py with gunicorn."""
-    from manager.migrate import MIGRATIONS, upgrade
+    """Upgrade the schema, then serve the app with gunicorn."""
+    from manager.migrate import upgrade
 
     if workers is None:
         workers = _default_workers(os.environ.get("WEB_CONCURRENCY", "").strip())
@@ -54,12 +54,12 @@ def serve_command(host: str, port: int, workers: int | None) -> None:
         "gunicorn",
         "--config",
         "python:manager.gunicorn_conf",
-        "--chdir",
-        str(MIGRATIONS.parent),
         "--bind",
         f"{host}:{port}",
         "--workers",
         str(workers),
-        "wsgi:app",
+        # The app from the installed package: no source tree needed (wsgi.py at the top
+        # of the repository serves `gunicorn wsgi:app` from a checkout).
+        "manager:create_app()",
     ]
     os.execve(sys.executable, argv, env)  # noqa: S606 - our own interpreter, fixed arguments

@@ -62,8 +62,8 @@ def _rebuild(conn: sa.Connection) -> None:
     stop_attempts must keep this step working (give the new column a default the
     models know, or make this step select only the columns of revision 0013).
     """
-    from manager.lifecycle import utcnow
-    from manager.rebuild import rebuild
+    from manager.callbacks.rebuild import rebuild
+    from manager.callbacks.store import utcnow
 
     for _changed in rebuild(conn, now=utcnow()):
         pass

@@ -1,0 +1,1 @@
+"""The schema's migrations, shipped inside the wheel as `manager.migrations`."""
