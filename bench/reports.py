@@ -612,8 +612,8 @@ def check_history(engine: Engine, sample: int = 500) -> bool:
 
 def _fold_differs(conn: Any, task_pk: int) -> str | None:
     """The task folded from its events, against its rows; None if they agree."""
+    from manager.callbacks.history import accepted_stop_event, delivery_event
     from manager.callbacks.rules import fold
-    from manager.callbacks.store import accepted_stop_event, delivery_event
 
     row = conn.execute(text("SELECT * FROM tasks WHERE id = :id"), {"id": task_pk}).mappings().one()
     deliveries = conn.execute(

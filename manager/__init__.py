@@ -18,7 +18,11 @@ from manager import services
 from manager.cli import COMMANDS, register_commands
 from manager.config import MAX_BODY_BYTES, ConfigError, Settings
 from manager.services import dispose_engines
-from manager.web import api, callbacks, dashboard, ops, reports
+from manager.web import api as web_api
+from manager.web import callbacks as web_callbacks
+from manager.web import dashboard as web_dashboard
+from manager.web import ops as web_ops
+from manager.web import reports as web_reports
 from manager.web.cookie_sessions import CookieSessionInterface
 from manager.web.errors import register_error_handlers
 
@@ -42,17 +46,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     register_error_handlers(app)
 
     # Callback POSTs skip Flask's request handling (see manager/web/callbacks.py).
-    endpoint = callbacks.CallbackEndpoint(app)
-    app.extensions[callbacks.ENDPOINT] = endpoint
-    app.wsgi_app = callbacks.CallbackRoute(app.wsgi_app, endpoint)  # type: ignore[method-assign]
+    endpoint = web_callbacks.CallbackEndpoint(app)
+    app.extensions[web_callbacks.ENDPOINT] = endpoint
+    app.wsgi_app = web_callbacks.CallbackRoute(app.wsgi_app, endpoint)  # type: ignore[method-assign]
 
-    app.register_blueprint(ops.bp)
-    app.register_blueprint(callbacks.bp)
-    app.register_blueprint(api.bp)
-
-    app.register_blueprint(reports.bp)
-
-    app.register_blueprint(dashboard.bp)
+    for blueprint in (web_ops, web_callbacks, web_api, web_reports, web_dashboard):
+        app.register_blueprint(blueprint.bp)
 
     register_commands(app)
     return app

@@ -22,7 +22,8 @@ from manager import create_app, dispose_engines
 from manager.config import Settings
 from manager.db import Base, make_engine
 from manager.migrate import upgrade
-from manager.zego.fake import FakeServer, FakeZego
+from manager.zego.fake import FakeZego
+from manager.zego.fake_server import FakeServer
 from manager.zego.signing import new_nonce, signed_callback
 
 APP_ID = 1234567

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 
+from flask import Flask
 from flask.testing import FlaskClient, FlaskCliRunner
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from manager.clock import utcnow
 from manager.models import ApiToken
 
 from .conftest import callback
@@ -75,6 +80,29 @@ def test_the_workers_name_cannot_be_a_tokens(runner: FlaskCliRunner) -> None:
 def test_use_is_noted(client: FlaskClient, auth: dict[str, str], db: Session) -> None:
     client.get("/api/tasks", headers=auth)
     assert db.execute(select(ApiToken.last_used_at)).scalar_one() is not None
+
+
+def test_a_stale_token_used_by_many_requests_at_once_lets_them_all_in(
+    app: Flask, auth: dict[str, str], db: Session
+) -> None:
+    """Each request reads the token, then notes its use in a write of its own: on SQLite a
+    read that turned into a write would fail (SQLITE_BUSY) once another writer came first."""
+    db.execute(update(ApiToken).values(last_used_at=utcnow() - timedelta(hours=1)))
+    db.commit()
+    barrier = threading.Barrier(8)
+
+    def list_tasks(_: int) -> int:
+        with app.test_client() as client:
+            barrier.wait(timeout=30)
+            return client.get("/api/tasks", headers=auth).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(list_tasks, range(8)))
+    assert statuses == [200] * 8
+    db.rollback()
+    noted = db.execute(select(ApiToken.last_used_at)).scalar_one()
+    assert noted is not None
+    assert utcnow() - noted < timedelta(minutes=1)
 
 
 def test_list_filters_and_paginates(client: FlaskClient, auth: dict[str, str]) -> None:

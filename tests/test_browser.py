@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from manager.clock import utcnow
 from manager.models import Task, TaskRun
-from manager.zego.fake import FakeServer
+from manager.zego.fake_server import FakeServer
 
 from .conftest import callback
 

@@ -10,7 +10,8 @@ from flask.testing import FlaskClient
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from manager.callbacks import store as lifecycle
+from manager.callbacks import fast_path, pg_statements, task_rows
+from manager.callbacks import history as task_history
 from manager.models import CallbackNonce, Delivery, Task, TaskRun
 from manager.web import callbacks as web_callbacks
 
@@ -23,13 +24,14 @@ def test_a_failing_write_back_keeps_nothing(
     """The last statement fails (on PostgreSQL only at the COMMIT's sync): the answer is
     a 503, and neither the nonce, the task nor the delivery is kept, so ZEGOCLOUD's
     retry of the same body is applied normally."""
-    real = lifecycle.task_values
+    real = task_rows.task_values
 
     def broken(task: Any, change: Any) -> dict[str, Any]:
         return {**real(task, change), "status": "no-such-status"}  # breaks a CHECK
 
     body = json.dumps(callback(task_id="tx-1", sequence=1))
-    monkeypatch.setattr(lifecycle, "task_values", broken)
+    monkeypatch.setattr(task_rows, "task_values", broken)  # write_back's (SQLite)
+    monkeypatch.setattr(pg_statements, "task_values", broken)  # pg_values' (PostgreSQL)
     failed = client.post("/callbacks/zego", data=body, content_type="application/json")
     assert failed.status_code == 503
     assert failed.json["error"]["code"] == "database_unavailable"
@@ -37,7 +39,8 @@ def test_a_failing_write_back_keeps_nothing(
     for model in (Task, Delivery, CallbackNonce, TaskRun):
         assert db.execute(select(func.count()).select_from(model)).scalar_one() == 0, model
 
-    monkeypatch.setattr(lifecycle, "task_values", real)
+    monkeypatch.setattr(task_rows, "task_values", real)
+    monkeypatch.setattr(pg_statements, "task_values", real)
     retried = client.post("/callbacks/zego", data=body, content_type="application/json")
     assert retried.json == {"code": 0, "verdict": "applied"}
     db.rollback()
@@ -56,7 +59,7 @@ def test_a_task_changed_between_read_and_write_leaves_it_to_the_transaction(
         data=json.dumps(callback(task_id="opt-1", sequence=1)),
         content_type="application/json",
     ).json == {"code": 0, "verdict": "applied"}
-    real_extend = lifecycle.extend
+    real_extend = task_history.extend
     engine = app.extensions["manager.engine"]
     calls = []
 
@@ -67,8 +70,9 @@ def test_a_task_changed_between_read_and_write_leaves_it_to_the_transaction(
                 other.execute(update(Task).where(Task.task_id == "opt-1").values(owner="other"))
         return real_extend(history, event)
 
-    monkeypatch.setattr(lifecycle, "extend", extend_while_another_writes)
-    optimistic = lifecycle.apply_optimistically
+    monkeypatch.setattr(fast_path, "extend", extend_while_another_writes)  # the optimistic read
+    monkeypatch.setattr(task_history, "extend", extend_while_another_writes)  # the transaction's
+    optimistic = fast_path.apply_optimistically
     outcomes = []
     monkeypatch.setattr(
         web_callbacks,

@@ -15,7 +15,8 @@ from manager.clock import utcnow
 from manager.models import StopRequest, Task, TaskRun
 from manager.web.charts import daily_chart, nice_ticks
 from manager.web.dashboard import chart_days, format_age
-from manager.zego.fake import Failure, FakeServer
+from manager.zego.fake import Failure
+from manager.zego.fake_server import FakeServer
 
 from .conftest import callback
 

@@ -22,7 +22,8 @@ from sqlalchemy.orm import Session
 from manager import create_app, dispose_engines
 from manager.config import Settings
 from manager.models import StopRequest, Task, TaskRun
-from manager.zego.fake import FakeServer, FakeZego
+from manager.zego.fake import FakeZego
+from manager.zego.fake_server import FakeServer
 
 from .conftest import APP_ID, CALLBACK_SECRET, SERVER_SECRET, callback
 from .delay_proxy import DelayProxy

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from manager.models import Task, TaskRun
 from manager.reports import reporting
-from manager.reports.reporting import Window
+from manager.reports.window import Window
 
 from .conftest import APP_ID, callback
 
@@ -172,4 +172,4 @@ def test_an_owner_no_column_can_hold_is_a_400(
 def test_the_cli_refuses_such_an_owner_too(runner: FlaskCliRunner) -> None:
     result = runner.invoke(args=["report", "summary", "--owner", "a\x00b"])
     assert result.exit_code != 0
-    assert "--owner must not contain NUL" in result.output
+    assert "--owner must be UTF-8 text without control characters" in result.output

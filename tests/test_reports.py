@@ -21,8 +21,11 @@ from sqlalchemy.orm import Session
 
 from manager.models import Delivery, StopRequest, Task, TaskRun
 from manager.reports import reporting
+from manager.reports.daily import DayRow
+from manager.reports.owners import OwnerKey, OwnerRow
 from manager.reports.params import decode_owners_cursor, encode_owners_cursor
-from manager.reports.reporting import DayRow, OwnerKey, OwnerRow, StuckTask, Window
+from manager.reports.stuck import StuckTask
+from manager.reports.window import Window
 
 D = datetime(2025, 3, 10)
 NOW = D + timedelta(days=4)

@@ -25,7 +25,8 @@ from sqlalchemy.orm import Session
 
 from manager.models import TASK_STATUSES, RunDay, Task, TaskRun
 from manager.reports import reporting
-from manager.reports.reporting import DayRow, Window
+from manager.reports.daily import DayRow
+from manager.reports.window import Window
 
 from .conftest import callback
 

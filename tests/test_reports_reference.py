@@ -19,7 +19,9 @@ from sqlalchemy.orm import Session
 
 from manager.models import TASK_STATUSES, RunDay, Task, TaskRun
 from manager.reports import reporting
-from manager.reports.reporting import DayRow, OwnerRow, Window
+from manager.reports.daily import DayRow
+from manager.reports.owners import OwnerRow
+from manager.reports.window import Window
 
 BASE = datetime(2025, 6, 1)
 SPAN_DAYS = 6

@@ -14,8 +14,8 @@ from sqlalchemy.orm import Session
 from manager.db import make_engine
 from manager.models import VERDICTS, Delivery, DeliveryHour, RunDay, Task, TaskRun
 from manager.reports import reporting, rollups
-from manager.reports.reporting import Window
 from manager.reports.rollups import HOUR, SEAL_DELAY
+from manager.reports.window import Window
 
 NOW = datetime(2026, 3, 10, 12, 34, 56, 789000)
 START = NOW - timedelta(days=3)

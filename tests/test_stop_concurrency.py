@@ -19,7 +19,8 @@ from sqlalchemy.orm import Session
 
 from manager.config import Settings
 from manager.models import StopRequest
-from manager.zego.fake import Failure, FakeServer
+from manager.zego.fake import Failure
+from manager.zego.fake_server import FakeServer
 
 from .conftest import APP_ID, CALLBACK_SECRET, SERVER_SECRET, callback
 from .live import gunicorn, manager_workers

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from manager.models import StopBatch, StopRequest, Task
 from manager.stored_text import MAX_REASON_LENGTH
-from manager.zego.fake import FakeServer
+from manager.zego.fake_server import FakeServer
 
 from .conftest import callback
 
@@ -114,7 +114,13 @@ UNSTORABLE = [
     ("post", BULK, '{"owner": "owner-1\\u0000"}', "owner", "invalid_body"),
     ("post", BULK, '{"all_running": true, "reason": "\\u0000"}', "reason", "invalid_body"),
     ("post", BULK, '{"task_ids": ["s-1"], "reason": "\\ud83d"}', "reason", "invalid_body"),
+    # An identifier follows the rule a callback's TaskId and UserId follow: no control
+    # characters at all (a reason is prose, where only NUL and lone surrogates are refused).
+    ("get", "/api/tasks?owner=owner%01", None, "owner", "invalid_parameter"),
+    ("post", BULK, '{"task_ids": ["s-1", "s\\n2"]}', "task_ids[1]", "invalid_body"),
 ]
+IDENTIFIER_RULE = "must be UTF-8 text without control characters"
+PROSE_RULE = "must not contain NUL"
 
 
 @pytest.mark.parametrize(("method", "path", "body", "name", "code"), UNSTORABLE)
@@ -133,7 +139,8 @@ def test_unstorable_text_is_400_naming_the_field(
     response = client.open(
         path, method=method.upper(), data=body, content_type="application/json", headers=auth
     )
-    assert_json_error(response, 400, code, f"{name} must not contain NUL")
+    rule = PROSE_RULE if name == "reason" else IDENTIFIER_RULE
+    assert_json_error(response, 400, code, f"{name} {rule}")
     assert_nothing_changed(db, fake_zego)
 
 
@@ -213,7 +220,7 @@ def test_other_force_values_are_400_listing_the_spellings(
         (["s-1", "--reason", "x" * 600], "--reason", f"at most {MAX_REASON_LENGTH} characters"),
         (["s-1", "--reason", "a\x00b"], "--reason", "NUL"),
         (["s-1", "--reason", "a\udcffb"], "--reason", "NUL"),  # bytes that are not UTF-8
-        (["s\x00x"], "TASK_ID", "NUL"),
+        (["s\x00x"], "TASK_ID", "control characters"),
     ],
 )
 def test_cli_stop_refuses_what_the_api_refuses(
@@ -249,4 +256,14 @@ def test_cli_stop_keeps_a_reason_at_the_limit(
 def test_cli_refuses_unstorable_text_elsewhere(runner: FlaskCliRunner, args: list[str]) -> None:
     result = runner.invoke(args=args)
     assert result.exit_code == 2, result.output
-    assert "must not contain NUL" in result.output
+    assert IDENTIFIER_RULE in result.output
+
+
+def test_a_reason_may_run_over_several_lines(
+    client: FlaskClient, auth: dict[str, str], fake_zego: FakeServer, db: Session
+) -> None:
+    """A reason is an operator's prose: a newline or a tab is kept as written."""
+    start(client, fake_zego)
+    response = client.post(STOP, json={"reason": "maintenance\n\tticket 42"}, headers=auth)
+    assert response.status_code in (200, 202), response.json
+    assert db.execute(select(StopRequest.reason)).scalar_one() == "maintenance\n\tticket 42"

@@ -32,7 +32,7 @@ from manager.stops.requests import (
 )
 from manager.stops.worker import StopWorker
 from manager.zego.client import BAD_INPUT, ZegoReply
-from manager.zego.fake import FakeServer
+from manager.zego.fake_server import FakeServer
 
 from .conftest import callback
 

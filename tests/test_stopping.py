@@ -28,7 +28,8 @@ from manager.stops.requests import (
     create_batch,
 )
 from manager.zego.callbacks import MAX_CALLBACK_SEQUENCE
-from manager.zego.fake import Failure, FakeServer
+from manager.zego.fake import Failure
+from manager.zego.fake_server import FakeServer
 
 from .conftest import APP_ID, CALLBACK_SECRET, SERVER_SECRET, callback
 

@@ -22,7 +22,7 @@ from manager.callbacks.rules import Ending
 from manager.clock import utcnow
 from manager.models import Task, TaskRun
 from manager.tasks.queries import run_end, run_seconds
-from manager.zego.fake import FakeServer
+from manager.zego.fake_server import FakeServer
 
 from .conftest import APP_ID, callback
 

@@ -24,7 +24,7 @@ from manager.stops.dispatch import Dispatcher, make_dispatcher, send_on_unit
 from manager.stops.ratelimit import RateShare, unit_calls
 from manager.stops.requests import Job
 from manager.stops.worker import StopWorker
-from manager.zego.fake import FakeServer
+from manager.zego.fake_server import FakeServer
 
 from .conftest import callback
 from .live import free_port

@@ -7,7 +7,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from manager.clock import utcnow
@@ -63,16 +63,40 @@ def revoke_token(session: Session, name: str) -> None:
         raise NotFound("unknown_token", f"no active token named {name!r}")
 
 
-def authenticate(session: Session, token: str) -> str | None:
-    """The name of the active token, or None; notes its use at most once a minute."""
+@dataclass(frozen=True)
+class TokenUse:
+    """An active token presented: its name, and whether its last use is worth noting."""
+
+    token_id: int
+    name: str
+    stale: bool
+
+
+def authenticate(session: Session, token: str, now: datetime) -> TokenUse | None:
+    """The active token `token` names, or None. Reads only: noting the use is a write of
+    its own (note_use), so that on SQLite a read never has to become a write."""
     row = session.execute(
-        select(ApiToken).where(
+        select(ApiToken.id, ApiToken.name, ApiToken.last_used_at).where(
             ApiToken.token_hash == hash_token(token), ApiToken.revoked_at.is_(None)
         )
-    ).scalar_one_or_none()
+    ).first()
     if row is None:
         return None
-    now = utcnow()
-    if row.last_used_at is None or now - row.last_used_at > LAST_USED_RESOLUTION:
-        row.last_used_at = now
-    return row.name
+    stale = row.last_used_at is None or now - row.last_used_at > LAST_USED_RESOLUTION
+    return TokenUse(row.id, row.name, stale)
+
+
+def note_use(session: Session, use: TokenUse, now: datetime) -> None:
+    """Set the token's last_used_at, unless another request did within the resolution."""
+    session.execute(
+        update(ApiToken)
+        .where(
+            ApiToken.id == use.token_id,
+            or_(
+                ApiToken.last_used_at.is_(None),
+                ApiToken.last_used_at < now - LAST_USED_RESOLUTION,
+            ),
+        )
+        .values(last_used_at=now)
+        .execution_options(synchronize_session=False)
+    )

@@ -18,8 +18,7 @@ from typing import Any
 
 from sqlalchemy import Connection, delete, select
 
-from manager.callbacks.rules import Event, History, Run, fold
-from manager.callbacks.store import (
+from manager.callbacks.history import (
     ACCEPTED_STOP_COLUMNS,
     ACCEPTED_STOPS,
     EVENT_COLUMNS,
@@ -31,8 +30,9 @@ from manager.callbacks.store import (
     delivery_event,
     diff,
     stored_run,
-    write_back,
 )
+from manager.callbacks.rules import Event, History, Run, fold
+from manager.callbacks.task_rows import write_back
 from manager.models import Delivery, RunDay, StopRequest, Task, TaskRun
 
 BATCH = 2000
@@ -79,24 +79,8 @@ def rebuild(
             break
         low, high = rows[0].id, rows[-1].id
         after_pk = high
-        events: dict[int, list[Event]] = defaultdict(list)
-        for delivery in conn.execute(
-            select(*EVENT_COLUMNS).where(Delivery.task_pk.between(low, high), IS_EVENT)
-        ):
-            events[delivery.task_pk].append(delivery_event(delivery))
-        for stop in conn.execute(
-            ACCEPTED_STOPS.where(StopRequest.task_pk.between(low, high)).with_only_columns(
-                *ACCEPTED_STOP_COLUMNS
-            )
-        ):
-            events[stop.task_pk].append(accepted_stop_event(stop))
-        runs: dict[int, list[Any]] = defaultdict(list)
-        for run in conn.execute(
-            select(*RUN_COLUMNS)
-            .where(TaskRun.task_pk.between(low, high))
-            .order_by(TaskRun.task_pk, TaskRun.run_no)
-        ):
-            runs[run.task_pk].append(run)
+        events = _events_between(conn, low, high)
+        runs = _runs_between(conn, low, high)
 
         changed = []
         for row in rows:
@@ -114,6 +98,34 @@ def rebuild(
         yield changed
     if changed_any and not dry_run:
         conn.execute(delete(RunDay))
+
+
+def _events_between(conn: Connection, low: int, high: int) -> dict[int, list[Event]]:
+    """The recorded events of the tasks whose ids are in [low, high], by task id."""
+    events: dict[int, list[Event]] = defaultdict(list)
+    for delivery in conn.execute(
+        select(*EVENT_COLUMNS).where(Delivery.task_pk.between(low, high), IS_EVENT)
+    ):
+        events[delivery.task_pk].append(delivery_event(delivery))
+    for stop in conn.execute(
+        ACCEPTED_STOPS.where(StopRequest.task_pk.between(low, high)).with_only_columns(
+            *ACCEPTED_STOP_COLUMNS
+        )
+    ):
+        events[stop.task_pk].append(accepted_stop_event(stop))
+    return events
+
+
+def _runs_between(conn: Connection, low: int, high: int) -> dict[int, list[Any]]:
+    """The stored runs of the tasks whose ids are in [low, high], by task id, in order."""
+    runs: dict[int, list[Any]] = defaultdict(list)
+    for run in conn.execute(
+        select(*RUN_COLUMNS)
+        .where(TaskRun.task_pk.between(low, high))
+        .order_by(TaskRun.task_pk, TaskRun.run_no)
+    ):
+        runs[run.task_pk].append(run)
+    return runs
 
 
 def _figures_of(history: History, now: datetime) -> TaskFigures:

@@ -20,8 +20,9 @@ def new_session() -> Any:
 
 
 def storable(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
-    """Refuse text no column can hold, as the API does: NUL, or an unpaired surrogate
-    (which is how Python passes on an argument's bytes that are not UTF-8)."""
+    """Refuse an identifier by the rule callbacks and the API follow (manager/stored_text.py):
+    control characters, or an unpaired surrogate (which is how Python passes on an
+    argument's bytes that are not UTF-8)."""
     problem = None if value is None else text_problem(value)
     if problem is not None:
         raise click.BadParameter(problem)

@@ -26,7 +26,8 @@ def fake_zego_command(
     host: str, port: int, callback_url: str, rate_limit: int, answer_delay_ms: int
 ) -> None:
     """Serve a local stand-in for ZEGOCLOUD's API, signed with this instance's secrets."""
-    from manager.zego.fake import FakeServer, FakeZego
+    from manager.zego.fake import FakeZego
+    from manager.zego.fake_server import FakeServer
 
     settings = current_app.extensions["manager.settings"]
     if settings.zego_app_id is None or not settings.zego_server_secret:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import sys
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import click
@@ -14,24 +15,20 @@ from flask.cli import with_appcontext
 from manager.cli.common import echo_table
 from manager.cli.errors import failure
 from manager.errors import DomainError, Invalid
+from manager.reports.columns import COLUMNS, LIST_KEYS, REPORTS, ReportRow, flatten, row_cells
 from manager.reports.csv_cells import safe_row
-from manager.reports.params import check_days, parse_silent_for, parse_window
-from manager.reports.reporting import (
-    COLUMNS,
-    LIST_KEYS,
+from manager.reports.daily import daily
+from manager.reports.owners import (
     MAX_OWNERS_LIMIT,
     OWNERS_LIMIT,
-    REPORTS,
-    daily,
-    flatten,
+    OwnersPage,
     owners,
     owners_page,
-    row_values,
-    stuck,
-    summary,
 )
+from manager.reports.params import check_days, parse_owners_limit, parse_silent_for, parse_window
+from manager.reports.stuck import stuck
+from manager.reports.summary import summary
 from manager.stored_text import check_storable
-from manager.tasks.queries import iso, parse_limit
 
 
 @click.command("report")
@@ -74,7 +71,7 @@ def report_command(
             check_days(window)
         if limit is not None and name != "owners":
             raise Invalid("invalid_parameter", "--limit applies to the owners report only")
-        first = parse_limit(limit, OWNERS_LIMIT, MAX_OWNERS_LIMIT)
+        first, exported = parse_owners_limit(limit)
         if owner is not None:
             check_storable("--owner", owner)
     except DomainError as exc:
@@ -82,55 +79,59 @@ def report_command(
 
     with current_app.extensions["manager.sessions"]() as session:
         if name == "summary":
-            body = summary(session, window, owner)
-            if fmt == "json":
-                click.echo(json.dumps(body, indent=2))
-                return
-            flat = flatten(body)
-            if fmt == "csv":
-                _echo_csv(list(flat), [list(flat.values())])
-            else:
-                echo_table(["field", "value"], [(k, _cell(v)) for k, v in flat.items()])
-            return
-        more = False
-        if name == "owners" and (fmt != "csv" or limit is not None):
-            page = owners_page(session, window, owner, None, first)
-            rows: Any = page.owners
-            more = page.more
+            _echo_summary(fmt, summary(session, window, owner))
+        elif name == "owners" and fmt == "csv":
+            _echo_rows(name, fmt, owners(session, window, owner, None, exported))  # an export
         elif name == "owners":
-            rows = owners(session, window, owner)  # a CSV export: every owner
+            _echo_owners_page(fmt, owners_page(session, window, owner, None, first), first)
         elif name == "daily":
-            rows = daily(session, window, owner)
+            _echo_rows(name, fmt, daily(session, window, owner))
         else:
-            rows = stuck(session, silent_for=silent, owner=owner)
-        columns = COLUMNS[name]
-        values = ([_plain(v) for v in row_values(row)] for row in rows)
-        if fmt == "csv":
-            _echo_csv(columns, values)
-        elif fmt == "json":
-            items = [dict(zip(columns, row, strict=True)) for row in values]
-            listing: dict[str, Any] = {LIST_KEYS[name]: items}
-            if name == "owners":
-                listing["more"] = more
-            click.echo(json.dumps(listing, indent=2))
-        else:
-            echo_table(columns, ([_cell(v) for v in row] for row in values))
-        if more and fmt == "table":
-            click.echo(
-                f"(the first {first} owners; --limit up to {MAX_OWNERS_LIMIT}, "
-                "or --format csv for all)",
-                err=True,
-            )
+            _echo_rows(name, fmt, stuck(session, silent_for=silent, owner=owner))
 
 
-def _echo_csv(columns: Any, rows: Any) -> None:
+def _echo_owners_page(fmt: str, page: OwnersPage, first: int) -> None:
+    """A page of owners; as a table, a note on stderr when more follow."""
+    _echo_rows("owners", fmt, page.owners, page.more)
+    if page.more and fmt == "table":
+        click.echo(
+            f"(the first {first} owners; --limit up to {MAX_OWNERS_LIMIT}, "
+            "or --format csv for all)",
+            err=True,
+        )
+
+
+def _echo_summary(fmt: str, body: dict[str, Any]) -> None:
+    if fmt == "json":
+        click.echo(json.dumps(body, indent=2))
+        return
+    flat = flatten(body)
+    if fmt == "csv":
+        _echo_csv(list(flat), [list(flat.values())])
+    else:
+        echo_table(["field", "value"], [(k, _cell(v)) for k, v in flat.items()])
+
+
+def _echo_rows(name: str, fmt: str, rows: Iterable[ReportRow], more: bool | None = None) -> None:
+    """A list report's rows; as JSON, with `more` when the rows are a page of owners."""
+    columns = COLUMNS[name]
+    values = (row_cells(row) for row in rows)
+    if fmt == "csv":
+        _echo_csv(columns, values)
+    elif fmt == "json":
+        items = [dict(zip(columns, row, strict=True)) for row in values]
+        listing: dict[str, Any] = {LIST_KEYS[name]: items}
+        if more is not None:
+            listing["more"] = more
+        click.echo(json.dumps(listing, indent=2))
+    else:
+        echo_table(columns, ([_cell(v) for v in row] for row in values))
+
+
+def _echo_csv(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
     writer = csv.writer(sys.stdout, lineterminator="\n")
     writer.writerow(columns)
     writer.writerows(safe_row(row) for row in rows)
-
-
-def _plain(value: Any) -> Any:
-    return iso(value) if hasattr(value, "isoformat") and not isinstance(value, str) else value
 
 
 def _cell(value: Any) -> str:

@@ -76,9 +76,7 @@ def worker_command(once: bool, threads: int) -> None:
             "worker",
             pool_size=threads,
         )
-    worker = StopWorker(
-        dispatcher, threads=threads, nonce_max_age=ext["manager.settings"].callback_max_age
-    )
+    worker = StopWorker(dispatcher, threads=threads, tidy_nonces=True)
     try:
         if once:
             click.echo(f"{worker.run_once()} attempts made")

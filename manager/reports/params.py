@@ -1,5 +1,5 @@
-"""The reports' parameters: a window, a page of owners (its cursor), a silence; the
-web and CLI edges parse with these, so both refuse the same input the same way."""
+"""The reports' parameters: a window, a page of owners (its size and cursor), a silence;
+the web and CLI edges parse with these, so both refuse the same input the same way."""
 
 from __future__ import annotations
 
@@ -10,21 +10,23 @@ from datetime import datetime
 
 from manager.clock import utcnow
 from manager.errors import Invalid
-from manager.reports.reporting import (
-    DEFAULT_SILENT_FOR,
-    MAX_DAYS,
-    OwnerKey,
-    Window,
-    daily_window,
-    day_count,
-)
-from manager.tasks.queries import is_number, parse_range
+from manager.reports.owners import MAX_OWNERS_LIMIT, OWNERS_LIMIT, OwnerKey
+from manager.reports.stuck import DEFAULT_SILENT_FOR
+from manager.reports.window import MAX_DAYS, Window, daily_window, day_count
+from manager.tasks.queries import is_number, parse_limit, parse_range
 
 
 def parse_window(since_raw: str | None, until_raw: str | None) -> Window:
     """since/until as a Window; a bad value is a 400 naming the parameter."""
     since, until = parse_range(since_raw, until_raw)
     return Window(since, until)
+
+
+def parse_owners_limit(raw: str | None) -> tuple[int, int | None]:
+    """How many owners a listing reads: a page (`limit`, OWNERS_LIMIT by default), and an
+    export (`limit`, every owner by default: None)."""
+    page = parse_limit(raw, OWNERS_LIMIT, MAX_OWNERS_LIMIT)
+    return page, None if raw is None or raw == "" else page
 
 
 def encode_owners_cursor(key: OwnerKey, now: datetime) -> str:
@@ -59,6 +61,7 @@ def check_days(window: Window) -> None:
 
 
 def parse_silent_for(raw: str | None) -> int:
+    """stuck's silence in seconds, DEFAULT_SILENT_FOR by default."""
     if raw is None or raw == "":
         return DEFAULT_SILENT_FOR
     if not is_number(raw) or len(raw) > 10:

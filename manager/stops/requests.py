@@ -28,7 +28,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from manager.callbacks.store import ENDED, apply_accepted_stops
+from manager.callbacks.accepted_stops import apply_accepted_stops
+from manager.callbacks.rules import ENDED
 from manager.errors import Conflict, Invalid
 from manager.models import Delivery, StopAttempt, StopBatch, StopRequest, Task
 from manager.sqlutil import insert_for, insert_ignore

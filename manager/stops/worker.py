@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 from manager.callbacks.nonces import prune_nonces
 from manager.clock import utcnow
+from manager.config import MAX_CALLBACK_MAX_AGE
 from manager.db import write_transaction
 from manager.stops.dispatch import Dispatcher, log_call, send_on_unit
 from manager.stops.ratelimit import Grant, unit_calls
@@ -88,14 +89,16 @@ class StopWorker:
         batch: int = MIN_CLAIM,
         *,
         patience: float = PATIENCE,
-        nonce_max_age: int | None = None,
+        tidy_nonces: bool = False,
     ) -> None:
         self.dispatcher = dispatcher
         self.share = dispatcher.limiter
         self.batch = batch
         self.patience = patience
-        # CALLBACK_MAX_AGE, to keep the nonce ledger to its window; None leaves it be.
-        self.nonce_max_age = nonce_max_age
+        # Keep the nonce ledger to the widest freshness window any process may use: a
+        # process of its own CALLBACK_MAX_AGE must not prune pairs another one still
+        # treats as fresh.
+        self.tidy_nonces = tidy_nonces
         self._units_total = len(unit_calls(self.share.rate))
         self._pending: deque[Waiting] = deque()
         self._changed = threading.Condition()
@@ -146,9 +149,9 @@ class StopWorker:
             for task in stuck_stopping(session, utcnow()):
                 if queue_restop(session, task, utcnow()):
                     log.warning("task %s still stopping: queued another stop", task.task_id)
-        if self.nonce_max_age is not None:
+        if self.tidy_nonces:
             with write_transaction(self.dispatcher.sessions) as session:
-                pruned = prune_nonces(session, utcnow(), self.nonce_max_age)
+                pruned = prune_nonces(session, utcnow(), MAX_CALLBACK_MAX_AGE)
             if pruned:
                 log.info("deleted %d callback nonces older than the freshness window", pruned)
 

@@ -11,8 +11,8 @@ from typing import Any
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
+from manager.callbacks.history import stored_run
 from manager.callbacks.rules import Ending
-from manager.callbacks.store import stored_run
 from manager.errors import Invalid, NotFound
 from manager.models import (
     STOP_STATES,

@@ -8,7 +8,9 @@ from typing import Any, TypeVar
 
 from flask import g, request
 
-from manager.access.tokens import authenticate
+from manager.access.tokens import authenticate, note_use
+from manager.clock import utcnow
+from manager.db import begin_write
 from manager.services import get_session
 from manager.web.errors import HttpError
 
@@ -21,11 +23,25 @@ def current_token_name() -> str | None:
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         return None
+    return sign_in(token.strip())
+
+
+def sign_in(token: str) -> str | None:
+    """The name of the active token, noting its use at most once a minute.
+
+    The read ends before the note's write begins (BEGIN IMMEDIATE on SQLite): a read
+    that turns into a write can fail with SQLITE_BUSY when another writer came first.
+    Either way the view then starts a transaction of its own.
+    """
     session = get_session()
-    name = authenticate(session, token.strip())
-    # Commit last_used_at, and end the read so the view starts its own transaction.
+    now = utcnow()
+    use = authenticate(session, token, now)
     session.commit()
-    return name
+    if use is not None and use.stale:
+        begin_write(session)
+        note_use(session, use, now)
+        session.commit()
+    return None if use is None else use.name
 
 
 def require_token(view: F) -> F:

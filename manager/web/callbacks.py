@@ -26,7 +26,8 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.http import HTTP_STATUS_CODES
 from werkzeug.wsgi import get_content_length, get_input_stream
 
-from manager.callbacks.store import apply_callback, apply_optimistically
+from manager.callbacks.fast_path import apply_optimistically
+from manager.callbacks.store import apply_callback
 from manager.clock import utcnow
 from manager.config import MAX_BODY_BYTES, Settings
 from manager.db import write_connection, write_then_read

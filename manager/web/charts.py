@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import date
 from html import escape
 
@@ -27,6 +28,31 @@ def _fmt(value: float) -> str:
     return f"{value:g}" if value < 10 else f"{value:,.0f}"
 
 
+@dataclass(frozen=True)
+class _Scale:
+    """The plot's geometry for `rows`: two left/right scales over one drawing area."""
+
+    rows: Sequence[tuple[date, int, float]]
+    task_ticks: list[float]
+    hour_ticks: list[float]
+    plot_w: float = WIDTH - LEFT - RIGHT
+    plot_h: float = HEIGHT - TOP - BOTTOM
+
+    @property
+    def base_y(self) -> float:
+        return TOP + self.plot_h
+
+    @property
+    def slot(self) -> float:
+        return self.plot_w / max(len(self.rows), 1)
+
+    def y_tasks(self, value: float) -> float:
+        return self.base_y - self.plot_h * value / self.task_ticks[-1]
+
+    def y_hours(self, value: float) -> float:
+        return self.base_y - self.plot_h * value / self.hour_ticks[-1]
+
+
 def daily_chart(
     rows: Sequence[tuple[date, int, float]],
     title: str = "Tasks started and transcoding hours per day",
@@ -36,23 +62,11 @@ def daily_chart(
     `rows` are (day, tasks started, transcoding hours), oldest first. Every text is
     escaped; each bar has a <title> with its figures, shown on hover.
     """
-    plot_w = WIDTH - LEFT - RIGHT
-    plot_h = HEIGHT - TOP - BOTTOM
-    base_y = TOP + plot_h
-    n = max(len(rows), 1)
-    slot = plot_w / n
-    bar_w = max(slot * 0.6, 1.0)
-
-    task_ticks = nice_ticks(max((r[1] for r in rows), default=0))
-    hour_ticks = nice_ticks(max((r[2] for r in rows), default=0.0))
-    task_top, hour_top = task_ticks[-1], hour_ticks[-1]
-
-    def y_tasks(value: float) -> float:
-        return base_y - plot_h * value / task_top
-
-    def y_hours(value: float) -> float:
-        return base_y - plot_h * value / hour_top
-
+    scale = _Scale(
+        rows,
+        nice_ticks(max((r[1] for r in rows), default=0)),
+        nice_ticks(max((r[2] for r in rows), default=0.0)),
+    )
     total_tasks = sum(r[1] for r in rows)
     total_hours = sum(r[2] for r in rows)
     summary = (
@@ -63,32 +77,45 @@ def daily_chart(
         'aria-labelledby="chart-title chart-desc" xmlns="http://www.w3.org/2000/svg">',
         f'<title id="chart-title">{escape(title)}</title>',
         f'<desc id="chart-desc">{escape(summary)}</desc>',
+        *_axes(scale),
+        *_bars_and_line(scale),
+        *_legend(scale),
+        "</svg>",
     ]
-    # Grid lines and the left axis (tasks).
-    for tick in task_ticks:
-        y = y_tasks(tick)
-        out.append(
-            f'<line class="grid" x1="{LEFT}" y1="{y:.1f}" x2="{LEFT + plot_w}" y2="{y:.1f}"/>'
-        )
+    return "\n".join(out)
+
+
+def _axes(scale: _Scale) -> list[str]:
+    """Grid lines and the left axis (tasks); the right axis (hours) at the same heights:
+    both scales have their own ticks."""
+    out = []
+    right = LEFT + scale.plot_w
+    for tick in scale.task_ticks:
+        y = scale.y_tasks(tick)
+        out.append(f'<line class="grid" x1="{LEFT}" y1="{y:.1f}" x2="{right}" y2="{y:.1f}"/>')
         out.append(
             f'<text class="axis tasks" x="{LEFT - 6}" y="{y + 4:.1f}" '
             f'text-anchor="end">{escape(_fmt(tick))}</text>'
         )
-    # The right axis (hours), at the same heights: both scales have their own ticks.
-    for tick in hour_ticks:
-        y = y_hours(tick)
+    for tick in scale.hour_ticks:
+        y = scale.y_hours(tick)
         out.append(
-            f'<text class="axis hours" x="{LEFT + plot_w + 6}" y="{y + 4:.1f}">'
-            f"{escape(_fmt(tick))}</text>"
+            f'<text class="axis hours" x="{right + 6}" y="{y + 4:.1f}">{escape(_fmt(tick))}</text>'
         )
-    out.append(
-        f'<line class="baseline" x1="{LEFT}" y1="{base_y}" x2="{LEFT + plot_w}" y2="{base_y}"/>'
-    )
+    base_y = scale.base_y
+    out.append(f'<line class="baseline" x1="{LEFT}" y1="{base_y}" x2="{right}" y2="{base_y}"/>')
+    return out
 
-    points: list[str] = []
-    for i, (day, started, hours) in enumerate(rows):
+
+def _bars_and_line(scale: _Scale) -> list[str]:
+    """A bar per day with its figures on hover, day and month labels, and the hours line."""
+    out: list[str] = []
+    points: list[tuple[float, float]] = []
+    n, base_y, slot = max(len(scale.rows), 1), scale.base_y, scale.slot
+    bar_w = max(slot * 0.6, 1.0)
+    for i, (day, started, hours) in enumerate(scale.rows):
         cx = LEFT + slot * i + slot / 2
-        y = y_tasks(started)
+        y = scale.y_tasks(started)
         tip = f"{day.isoformat()}: {started} tasks started, {hours:.1f} transcoding hours"
         out.append(
             f'<rect class="bar" x="{cx - bar_w / 2:.1f}" y="{y:.1f}" '
@@ -105,29 +132,25 @@ def daily_chart(
                 f'<text class="axis month" x="{cx:.1f}" y="{base_y + 28}" text-anchor="middle">'
                 f"{escape(day.strftime('%b'))}</text>"
             )
-        points.append(f"{cx:.1f},{y_hours(hours):.1f}")
+        points.append((cx, scale.y_hours(hours)))
     if points:
-        out.append(f'<polyline class="line" points="{" ".join(points)}"/>')
-        for point in points:
-            x, y_text = point.split(",")
-            out.append(f'<circle class="dot" cx="{x}" cy="{y_text}" r="3"/>')
+        line = " ".join(f"{x:.1f},{y:.1f}" for x, y in points)
+        out.append(f'<polyline class="line" points="{line}"/>')
+        out += [f'<circle class="dot" cx="{x:.1f}" cy="{y:.1f}" r="3"/>' for x, y in points]
+    return out
 
-    # Axis titles and a legend.
-    out.append(
-        f'<text class="axis-title tasks" x="{LEFT - 6}" y="{TOP - 14}" text-anchor="end">'
-        "tasks</text>"
-    )
-    out.append(
-        f'<text class="axis-title hours" x="{LEFT + plot_w + 6}" y="{TOP - 14}">hours</text>'
-    )
+
+def _legend(scale: _Scale) -> list[str]:
+    """The axis titles and a legend."""
     legend_x = LEFT + 8
-    out.append(
+    return [
+        f'<text class="axis-title tasks" x="{LEFT - 6}" y="{TOP - 14}" text-anchor="end">'
+        "tasks</text>",
+        f'<text class="axis-title hours" x="{LEFT + scale.plot_w + 6}" y="{TOP - 14}">hours</text>',
         f'<rect class="bar" x="{legend_x}" y="{TOP - 24}" width="12" height="10"/>'
         f'<text class="legend" x="{legend_x + 16}" y="{TOP - 15}">tasks started</text>'
         f'<line class="line" x1="{legend_x + 120}" y1="{TOP - 19}" '
         f'x2="{legend_x + 140}" y2="{TOP - 19}"/>'
         f'<circle class="dot" cx="{legend_x + 130}" cy="{TOP - 19}" r="3"/>'
-        f'<text class="legend" x="{legend_x + 146}" y="{TOP - 15}">transcoding hours</text>'
-    )
-    out.append("</svg>")
-    return "\n".join(out)
+        f'<text class="legend" x="{legend_x + 146}" y="{TOP - 15}">transcoding hours</text>',
+    ]

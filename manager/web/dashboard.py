@@ -32,10 +32,8 @@ from markupsafe import Markup
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
-from manager.access.tokens import authenticate
 from manager.callbacks.rules import Ending
 from manager.clock import utcnow
-from manager.db import begin_write
 from manager.errors import DomainError
 from manager.models import ApiToken, Delivery, StopRequest, Task
 from manager.reports import reporting
@@ -52,6 +50,7 @@ from manager.tasks.queries import (
     task_runs,
 )
 from manager.web.api import TaskIdConverter
+from manager.web.auth import sign_in
 from manager.web.charts import daily_chart
 
 CHART_DAYS = 14
@@ -283,10 +282,7 @@ def login() -> ResponseReturnValue:
     token = request.form.get("token", "").strip()
     name = None
     if token:
-        db = get_session()
-        begin_write(db)  # authenticate() may note last_used_at
-        name = authenticate(db, token)
-        db.commit()
+        name = sign_in(token)
     if name is None:
         flash("That token is not valid, or it has been revoked.", "error")
         return redirect(url_for(".index"))

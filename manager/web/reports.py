@@ -7,39 +7,29 @@ import io
 import itertools
 import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from datetime import datetime
 from typing import Any
 
 from flask import Blueprint, Response, current_app, request
 from sqlalchemy.orm import Session
 
 from manager.errors import Invalid, NotFound
+from manager.reports.columns import COLUMNS, LIST_KEYS, REPORTS, flatten, row_cells
 from manager.reports.csv_cells import safe_row
+from manager.reports.daily import daily
+from manager.reports.owners import owners, owners_page
 from manager.reports.params import (
     check_days,
     decode_owners_cursor,
     encode_owners_cursor,
+    parse_owners_limit,
     parse_silent_for,
     parse_window,
 )
-from manager.reports.reporting import (
-    COLUMNS,
-    LIST_KEYS,
-    MAX_OWNERS_LIMIT,
-    OWNERS_LIMIT,
-    REPORTS,
-    Window,
-    daily,
-    flatten,
-    owners,
-    owners_page,
-    row_values,
-    stuck,
-    summary,
-)
+from manager.reports.stuck import stuck
+from manager.reports.summary import summary
+from manager.reports.window import Window
 from manager.services import get_session
 from manager.stored_text import check_storable
-from manager.tasks.queries import iso, parse_limit
 from manager.web.auth import require_token
 
 bp = Blueprint("reports", __name__, url_prefix="/api/reports")
@@ -48,6 +38,7 @@ bp = Blueprint("reports", __name__, url_prefix="/api/reports")
 @bp.get("/<name>")
 @require_token
 def report(name: str) -> Response:
+    """A report as JSON or CSV: the rows of the functions the CLI calls, formatted."""
     if name not in REPORTS:
         raise NotFound("unknown_report", f"no report {name!r}; try {', '.join(REPORTS)}")
     args = request.args
@@ -65,7 +56,7 @@ def report(name: str) -> Response:
     if name == "daily":
         check_days(window)
         days = daily(get_session(), window, owner)
-        return _list_response(name, fmt, (_plain(row_values(day)) for day in days))
+        return _list_response(name, fmt, (row_cells(day) for day in days))
 
     if name == "owners":
         return _owners_report(fmt, window, owner)
@@ -80,16 +71,15 @@ def _owners_report(fmt: str, window: Window, owner: str | None) -> Response:
     # A listing is worked out as of the time of its first page, carried in the cursor,
     # so that running tasks' growing time does not move owners from page to page.
     after, now = decode_owners_cursor(args.get("cursor"))
-    limit = parse_limit(args.get("limit"), OWNERS_LIMIT, MAX_OWNERS_LIMIT)
+    limit, exported = parse_owners_limit(args.get("limit"))
     if fmt == "json":
         page = owners_page(get_session(), window, owner, now, limit, after)
         columns = COLUMNS["owners"]
-        items = [dict(zip(columns, _plain(row_values(row)), strict=True)) for row in page.owners]
+        items = [dict(zip(columns, row_cells(row), strict=True)) for row in page.owners]
         cursor = None if page.next_key is None else encode_owners_cursor(page.next_key, now)
         return _json_response({"owners": items, "more": page.more, "next_cursor": cursor})
-    limited = limit if args.get("limit") else None
     return _streamed(
-        "owners", fmt, lambda session: owners(session, window, owner, now, limited, after)
+        "owners", fmt, lambda session: owners(session, window, owner, now, exported, after)
     )
 
 
@@ -101,7 +91,7 @@ def _streamed(name: str, fmt: str, rows_of: Callable[[Session], Iterable[Any]]) 
     session = current_app.extensions["manager.sessions"]()
     try:
         # Run the query now, so that a database error is still a proper error response.
-        values = _primed(_plain(row_values(row)) for row in rows_of(session))
+        values = _primed(row_cells(row) for row in rows_of(session))
         response = _list_response(name, fmt, _closing(values, session))
     except BaseException:
         session.close()
@@ -138,10 +128,6 @@ def _closing(rows: Iterator[list[Any]], session: Session) -> Iterator[list[Any]]
         yield from rows
     finally:
         session.close()
-
-
-def _plain(values: Sequence[Any]) -> list[Any]:
-    return [iso(v) if isinstance(v, datetime) else v for v in values]
 
 
 def _json_response(body: dict[str, Any]) -> Response:

@@ -226,11 +226,18 @@ def _text(payload: Mapping[str, Any], name: str, *, required: bool, limit: int) 
     text = str(value)
     if len(text) > limit:
         raise CallbackError(400, "invalid_field", f"{name} is longer than {limit} characters")
-    if _UNSTORABLE.search(text):
-        raise CallbackError(
-            400, "invalid_field", f"{name} must be UTF-8 text without control characters"
-        )
+    problem = identifier_problem(text)
+    if problem is not None:
+        raise CallbackError(400, "invalid_field", f"{name} {problem}")
     return text
+
+
+def identifier_problem(text: str) -> str | None:
+    """Why `text` cannot be a ZEGOCLOUD identifier (TaskId, UserId, StreamId) as we store
+    it, as a phrase to follow its name; None when it can."""
+    if _UNSTORABLE.search(text):
+        return "must be UTF-8 text without control characters"
+    return None
 
 
 def _integer(

@@ -63,7 +63,7 @@ def _rebuild(conn: sa.Connection) -> None:
     models know, or make this step select only the columns of revision 0013).
     """
     from manager.callbacks.rebuild import rebuild
-    from manager.callbacks.store import utcnow
+    from manager.clock import utcnow
 
     for _changed in rebuild(conn, now=utcnow()):
         pass

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from hypothesis import strategies as st
 
-from manager.callbacks.store import RESEND_SPAN
+from manager.callbacks.deliveries import RESEND_SPAN
 
 RUN_GAP = (175, 180)
 RUN_LENGTH = 4 * 8 + 1

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
-from manager.callbacks.store import apply_accepted_stops, utc_from_timestamp
+from manager.callbacks.accepted_stops import apply_accepted_stops
+from manager.callbacks.history import utc_from_timestamp
 from manager.db import write_connection
 from manager.models import StopAttempt, StopRequest, Task, TaskRun
 from manager.reports import reporting

@@ -1,0 +1,251 @@
+"""A task's history as the rules see it, read from its row and its recorded events.
+
+The glue between the pure rules (manager/callbacks/rules.py) and the tables, for
+every path that moves a task: a `tasks` row as a `TaskState`, the part of the fold it
+keeps as a `History` (`history_of`), a callback, a recorded delivery or an accepted
+stop as an `Event`, and the `Change` an event makes. `advance` extends the row alone
+where `rules.extend` can tell (`extended`); otherwise it reads the task's recorded
+events back (`load_events`) and compares their whole `fold` with what is stored
+(`compare`, `diff`). Writing a change back is manager/callbacks/task_rows.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from sqlalchemy import Connection, Table, bindparam, select
+
+from manager.callbacks.rules import (
+    ENDED,
+    Ending,
+    Event,
+    History,
+    Rank,
+    Run,
+    TaskStatus,
+    extend,
+    fold,
+)
+from manager.models import Delivery, StopAttempt, StopRequest, Task, TaskRun
+from manager.zego.callbacks import STATUS_STARTED, Callback
+
+
+@dataclass(slots=True)
+class TaskState:
+    """The columns of a locked `tasks` row that the rules read or write."""
+
+    id: int
+    status: str
+    stop_reason: int | None
+    state_seq: int
+    state_rank: int
+    max_seq: int
+    owner_seq: int | None
+    owner_rank: int | None
+    owner: str | None
+    details_seq: int | None
+    details_rank: int | None
+    runs: int
+    last_failure_at: datetime | None
+    run_start_seen: bool
+    started_at: datetime | None
+    ended_at: datetime | None
+    updated_at: datetime
+    last_delivery_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Change:
+    """What an event did to its task: its history after, and the runs to write."""
+
+    history: History
+    changed: bool
+    runs: list[tuple[int, Run]]  # (run_no, run) to insert or replace
+    owner_changed: bool
+    full: bool  # refolded: runs above history.run_count are to be deleted
+
+
+def utc_from_timestamp(ts: int) -> datetime:
+    """ZEGOCLOUD's Unix seconds as the naive UTC datetime stored everywhere."""
+    return datetime.fromtimestamp(ts, UTC).replace(tzinfo=None)
+
+
+def event_of(cb: Callback) -> Event:
+    if cb.is_stop:
+        rank = Rank.STOPPED
+    else:
+        rank = Rank.STARTED if cb.status == STATUS_STARTED else Rank.UPDATED
+    return Event(
+        rank=rank,
+        sequence=cb.sequence,
+        at=utc_from_timestamp(cb.timestamp),
+        stop_reason=cb.stop_reason,
+        user_id=cb.user_id,
+    )
+
+
+def history_of(task: TaskState) -> History:
+    """The part of the fold that the task row keeps: its registers and its last run."""
+    runs: tuple[Run, ...] = ()
+    if task.runs > 0:
+        ending = None
+        if task.status in ENDED:
+            ending = Ending.FAILED if task.status == TaskStatus.FAILED else Ending.STOPPED
+        runs = (Run(task.started_at, task.ended_at, ending, start_seen=task.run_start_seen),)
+    owner_position = None
+    if task.owner_seq is not None and task.owner_rank is not None:
+        owner_position = (task.owner_seq, task.owner_rank)
+    return History(
+        status=TaskStatus(task.status),
+        position=(task.state_seq, task.state_rank),
+        owner=task.owner,
+        owner_position=owner_position,
+        last_failure_at=task.last_failure_at,
+        runs=runs,
+        first_run=max(task.runs - 1, 0),
+    )
+
+
+def advance(conn: Connection, task: TaskState, event: Event, *, stored: bool) -> Change:
+    """The task after one more event, by `extend` where it can tell, else by `fold`.
+
+    `stored`: the event is already among the task's recorded events (a stop attempt
+    is recorded before its task moves); a callback is recorded after.
+    """
+    before = history_of(task)
+    after = extend(before, event)
+    if after is None:
+        events = load_events(conn, task.id)
+        if not stored:
+            events.append(event)
+        return compare(conn, task, fold(events))
+    return extended(before, after)
+
+
+def extended(before: History, after: History) -> Change:
+    """What `extend` did to a task: the runs it changed or opened, and whether anything."""
+    runs = [
+        (after.first_run + i + 1, run)
+        for i, run in enumerate(after.runs)
+        if after.first_run + i >= before.run_count or not run.same_as(before.runs[-1])
+    ]
+    owner_changed = after.owner != before.owner
+    changed = bool(runs) or owner_changed or _task_fields(after) != _task_fields(before)
+    return Change(after, changed, runs, owner_changed, full=False)
+
+
+def compare(conn: Connection, task: TaskState, after: History) -> Change:
+    """A whole fold against what is stored: the runs that differ, and whether anything does."""
+    return diff(task, conn.execute(_RUNS_OF, {"task_pk": task.id}).all(), after)
+
+
+def diff(task: TaskState, stored: Sequence[Any], after: History) -> Change:
+    """A whole fold against the task's row and its stored runs (rows of run_no, owner,
+    started_at, ended_at, stop_reason, in run_no order)."""
+    runs = []
+    for number, run in enumerate(after.runs, start=1):
+        old = stored[number - 1] if number <= len(stored) else None
+        if old is None or old.owner != after.owner or not run.same_as(stored_run(old)):
+            runs.append((number, run))
+    before = history_of(task)
+    changed = (
+        bool(runs)
+        or len(stored) != after.run_count
+        or after.owner != before.owner
+        or _task_fields(after) != _task_fields(before)
+    )
+    return Change(after, changed, runs, owner_changed=False, full=True)
+
+
+def stored_run(row: Any) -> Run:
+    ending = None
+    if row.ended_at is not None:
+        ending = {0: Ending.STOPPED, 1: Ending.FAILED}.get(row.stop_reason, Ending.UNSEEN)
+    return Run(row.started_at, row.ended_at, ending)
+
+
+def _task_fields(h: History) -> tuple[Any, ...]:
+    last = h.last_run
+    return (
+        h.status,
+        h.position,
+        h.owner,
+        h.last_failure_at,
+        h.run_count,
+        None if last is None else (last.started_at, last.ended_at, last.stop_reason),
+        None if last is None else last.start_seen,
+    )
+
+
+def load_events(conn: Connection, task_pk: int) -> list[Event]:
+    """The task's recorded events: non-duplicate verified callbacks, accepted stops."""
+    events = [delivery_event(row) for row in conn.execute(_EVENTS_OF, {"task_pk": task_pk})]
+    events.extend(
+        accepted_stop_event(row) for row in conn.execute(_ACCEPTED_STOPS_OF, {"task_pk": task_pk})
+    )
+    return events
+
+
+def delivery_event(row: Any) -> Event:
+    """The event of a recorded delivery (event, status, sequence, stop_reason,
+    zego_timestamp, user_id)."""
+    if row.event == "transcode_stop":
+        rank = Rank.STOPPED
+    else:
+        rank = Rank.STARTED if row.status == STATUS_STARTED else Rank.UPDATED
+    return Event(
+        rank=rank,
+        sequence=row.sequence or 0,
+        at=utc_from_timestamp(row.zego_timestamp),
+        stop_reason=row.stop_reason,
+        user_id=row.user_id,
+    )
+
+
+def accepted_stop_event(row: Any) -> Event:
+    """The event of a stop attempt that ZEGOCLOUD accepted (sequence, attempted_at)."""
+    return Event(Rank.STOP_REQUEST, row.sequence, row.attempted_at)
+
+
+# --- statements, built once ---------------------------------------------------------
+
+STATE_FIELDS = tuple(f.name for f in fields(TaskState))
+_TASKS = cast(Table, Task.__table__)
+_DELIVERIES = cast(Table, Delivery.__table__)
+_RUNS = cast(Table, TaskRun.__table__)
+
+TASK_STATE = select(*(_TASKS.c[name] for name in STATE_FIELDS))
+RUN_COLUMNS = (
+    _RUNS.c.task_pk,
+    _RUNS.c.run_no,
+    _RUNS.c.owner,
+    _RUNS.c.started_at,
+    _RUNS.c.ended_at,
+    _RUNS.c.stop_reason,
+)
+_RUNS_OF = (
+    select(*RUN_COLUMNS).where(_RUNS.c.task_pk == bindparam("task_pk")).order_by(_RUNS.c.run_no)
+)
+EVENT_COLUMNS = (
+    _DELIVERIES.c.task_pk,
+    _DELIVERIES.c.event,
+    _DELIVERIES.c.status,
+    _DELIVERIES.c.sequence,
+    _DELIVERIES.c.stop_reason,
+    _DELIVERIES.c.zego_timestamp,
+    _DELIVERIES.c.user_id,
+)
+# A delivery is one of its task's events when it holds its event key: verified, and
+# not a duplicate (rejected and duplicate deliveries have none).
+IS_EVENT = _DELIVERIES.c.event_key.is_not(None)
+_EVENTS_OF = select(*EVENT_COLUMNS).where(_DELIVERIES.c.task_pk == bindparam("task_pk"), IS_EVENT)
+ACCEPTED_STOP_COLUMNS = (StopRequest.task_pk, StopAttempt.sequence, StopAttempt.attempted_at)
+ACCEPTED_STOPS = (
+    select(*ACCEPTED_STOP_COLUMNS)
+    .join(StopRequest, StopRequest.id == StopAttempt.stop_request_id)
+    .where(StopAttempt.outcome == "success")
+)
+_ACCEPTED_STOPS_OF = ACCEPTED_STOPS.where(StopRequest.task_pk == bindparam("task_pk"))

@@ -1,0 +1,74 @@
+"""The stuck report (SPEC 3.4): tasks stopping for over STOPPING_GRACE without a stop
+callback, and running tasks gone silent, longest stuck first.
+
+The rows are yielded from a server-side cursor: iterate them while the session is open.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, case, func, or_, select
+from sqlalchemy.orm import Session
+
+from manager.clock import utcnow
+from manager.models import Task
+from manager.reports.dialect import ts
+from manager.reports.queries import stream
+
+STOPPING_GRACE = timedelta(seconds=120)
+DEFAULT_SILENT_FOR = 86400
+
+
+@dataclass(frozen=True)
+class StuckTask:
+    """One stuck task: what it is stuck in, since when, and why."""
+
+    task_id: str
+    owner: str | None
+    status: str
+    since: datetime
+    reason: str
+
+
+def stuck(
+    session: Session,
+    now: datetime | None = None,
+    silent_for: int = DEFAULT_SILENT_FOR,
+    owner: str | None = None,
+) -> Iterator[StuckTask]:
+    """Tasks stopping for over 120 s without a stop callback, and running ones gone silent.
+
+    Longest stuck first. `since` is when the task became stopping (its updated_at), or its
+    last delivery.
+    """
+    now = now or utcnow()
+    stopping_since = Task.updated_at
+    running_since = func.coalesce(Task.last_delivery_at, Task.updated_at)
+    silent_cutoff = ts(now - timedelta(seconds=silent_for))
+    is_stopping = and_(Task.status == "stopping", Task.updated_at < ts(now - STOPPING_GRACE))
+    is_silent = and_(
+        Task.status == "running",
+        or_(
+            Task.last_delivery_at < silent_cutoff,
+            and_(Task.last_delivery_at.is_(None), Task.updated_at < silent_cutoff),
+        ),
+    )
+    since = case((Task.status == "stopping", stopping_since), else_=running_since)
+    query = select(Task.task_id, Task.owner, Task.status, since.label("since")).where(
+        or_(is_stopping, is_silent)
+    )
+    if owner is not None:
+        query = query.where(Task.owner == owner)
+    query = query.order_by(since.asc(), Task.task_id.asc())
+    for task_id, task_owner, status, since_at in stream(session, query):
+        reason = "no_stop_callback" if status == "stopping" else "no_delivery"
+        yield StuckTask(task_id, task_owner, status, _naive(since_at), reason)
+
+
+def _naive(value: Any) -> datetime:
+    # SQLite hands back the stored string when a CASE hides the column type.
+    return value if isinstance(value, datetime) else datetime.fromisoformat(value)
