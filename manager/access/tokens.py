@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from manager.clock import utcnow
 from manager.errors import Conflict, Invalid, NotFound
 from manager.models import ApiToken
-from manager.stops.requests import RESTOP_BY
+from manager.stops.restops import RESTOP_BY
 
 LAST_USED_RESOLUTION = timedelta(minutes=1)
 TOKEN_PREFIX = "mgr_"  # noqa: S105 - a marker for secret scanners, not a secret

@@ -1,6 +1,6 @@
 """Our own stop requests that ZEGOCLOUD accepted, as events of their tasks.
 
-A stop attempt is recorded (manager/stops/requests.py) before its task moves; then
+A stop attempt is recorded (manager/stops/attempts.py) before its task moves; then
 `apply_accepted_stops` moves the tasks on as the rules say, by `extend` where the row
 alone can tell, else by a fold of the task's whole history
 (manager/callbacks/history.py), and writes them back (manager/callbacks/task_rows.py).

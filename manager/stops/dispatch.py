@@ -24,15 +24,11 @@ from manager.config import Settings
 from manager.db import begin_write, write_transaction
 from manager.metrics import count_stop_wait
 from manager.models import StopRequest
+from manager.stops.attempts import record_attempts
+from manager.stops.claims import release
+from manager.stops.policy import RetryPolicy
 from manager.stops.ratelimit import Grant, RateShare
-from manager.stops.requests import (
-    Job,
-    RetryPolicy,
-    prepare_attempt,
-    record_attempts,
-    release,
-    request_stop,
-)
+from manager.stops.requests import Job, prepare_attempt, request_stop
 from manager.tasks.queries import find_task
 from manager.zego.client import DEFAULT_POOL_SIZE, ClientConfig, ZegoClient, ZegoReply
 from manager.zego.guard import DeadlinePassed, SendGuard

@@ -31,9 +31,11 @@ from manager.callbacks.nonces import prune_nonces
 from manager.clock import utcnow
 from manager.config import MAX_CALLBACK_MAX_AGE
 from manager.db import write_transaction
+from manager.stops.claims import claim_due, release
 from manager.stops.dispatch import Dispatcher, log_call, send_on_unit
 from manager.stops.ratelimit import Grant, unit_calls
-from manager.stops.requests import Job, claim_due, queue_restop, release, stuck_stopping
+from manager.stops.requests import Job
+from manager.stops.restops import queue_restop, stuck_stopping
 from manager.zego.client import ZegoReply
 
 log = logging.getLogger(__name__)

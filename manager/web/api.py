@@ -13,8 +13,8 @@ from manager.db import begin_write
 from manager.errors import Invalid, NotFound
 from manager.models import StopBatch
 from manager.services import get_dispatcher, get_session, get_settings
+from manager.stops.bulk import BulkSelection, create_batch
 from manager.stops.dispatch import stop_task_now
-from manager.stops.requests import BulkSelection, create_batch
 from manager.stored_text import check_storable, reason_problem
 from manager.tasks.queries import (
     TaskFilter,

@@ -20,21 +20,16 @@ from sqlalchemy.orm import Session
 from manager.clock import utcnow
 from manager.models import StopAttempt, StopRequest, Task
 from manager.services import get_dispatcher
+from manager.stops.attempts import record_attempts
+from manager.stops.claims import claim_due, release
 from manager.stops.dispatch import NAME_LENGTH, Dispatcher, make_dispatcher, process_name
-from manager.stops.requests import (
-    Job,
-    RetryPolicy,
-    claim_due,
-    prepare_attempt,
-    record_attempts,
-    release,
-    request_stop,
-)
+from manager.stops.policy import RetryPolicy
+from manager.stops.requests import Job, prepare_attempt, request_stop
 from manager.stops.worker import StopWorker
 from manager.zego.client import BAD_INPUT, ZegoReply
 from manager.zego.fake_server import FakeServer
 
-from .conftest import callback
+from ..conftest import callback
 
 POLICY = RetryPolicy(max_attempts=5)
 POLICY_RNG = random.Random(1)

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from manager.models import Delivery, Task, TaskRun
 
-from .conftest import callback
+from ..conftest import callback
 
 T0 = 0  # set before each test: within CALLBACK_MAX_AGE however long the suite has run
 

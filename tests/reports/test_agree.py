@@ -28,7 +28,7 @@ from manager.reports import reporting
 from manager.reports.daily import DayRow
 from manager.reports.window import Window
 
-from .conftest import callback
+from ..conftest import callback
 
 D = datetime(2025, 5, 6)
 WINDOW = Window(D, D + timedelta(days=1))

@@ -21,7 +21,7 @@ from manager.clock import utcnow
 from manager.models import Task, TaskRun
 from manager.zego.fake_server import FakeServer
 
-from .conftest import callback
+from ..conftest import callback
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")

@@ -15,8 +15,8 @@ import pytest
 import requests
 from flask.testing import FlaskClient, FlaskCliRunner
 
-from .conftest import callback
-from .live import free_port
+from ..conftest import callback
+from ..live import free_port
 
 MANAGER = str(Path(sys.executable).parent / "manager")
 

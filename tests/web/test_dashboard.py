@@ -18,7 +18,7 @@ from manager.web.dashboard import chart_days, format_age
 from manager.zego.fake import Failure
 from manager.zego.fake_server import FakeServer
 
-from .conftest import callback
+from ..conftest import callback
 
 
 def send(client: FlaskClient, body: dict[str, object]) -> int:

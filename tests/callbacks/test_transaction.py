@@ -15,7 +15,7 @@ from manager.callbacks import history as task_history
 from manager.models import CallbackNonce, Delivery, Task, TaskRun
 from manager.web import callbacks as web_callbacks
 
-from .conftest import callback
+from ..conftest import callback
 
 
 def test_a_failing_write_back_keeps_nothing(

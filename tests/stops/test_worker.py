@@ -26,8 +26,8 @@ from manager.stops.requests import Job
 from manager.stops.worker import StopWorker
 from manager.zego.fake_server import FakeServer
 
-from .conftest import callback
-from .live import free_port
+from ..conftest import callback
+from ..live import free_port
 
 TASKS = 6
 

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from manager.clock import utcnow
 from manager.models import ApiToken
 
-from .conftest import callback
+from ..conftest import callback
 
 
 def deliver(client: FlaskClient, *args: str, **kw: object) -> None:

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from manager.migrate import upgrade
 from manager.models import RunDay, Task, TaskRun
 
-from .conftest import callback
+from ..conftest import callback
 
 
 def deliver(client: FlaskClient, event: str = "transcode_start", **kw: object) -> None:

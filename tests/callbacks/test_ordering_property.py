@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from manager.models import Delivery, Task
 
-from .conftest import callback
+from ..conftest import callback
 
 # Timestamps in LIFECYCLES are seconds after the first delivery; each test places that
 # 120 s before it starts, so that every delivery is within CALLBACK_MAX_AGE.

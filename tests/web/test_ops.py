@@ -10,7 +10,7 @@ from flask.testing import FlaskClient
 from manager import create_app, dispose_engines
 from manager.config import Settings
 
-from .conftest import callback
+from ..conftest import callback
 
 
 def test_healthz(client: FlaskClient) -> None:

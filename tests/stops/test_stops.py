@@ -20,18 +20,13 @@ from manager.config import MAX_BODY_BYTES, Settings
 from manager.db import Base
 from manager.models import StopAttempt, StopRequest, Task
 from manager.reports import reporting
-from manager.stops.requests import (
-    MAX_BULK_TASKS,
-    MAX_RESTOPS,
-    RESTOP_BY,
-    BulkSelection,
-    create_batch,
-)
+from manager.stops.bulk import MAX_BULK_TASKS, BulkSelection, create_batch
+from manager.stops.restops import MAX_RESTOPS, RESTOP_BY
 from manager.zego.callbacks import MAX_CALLBACK_SEQUENCE
 from manager.zego.fake import Failure
 from manager.zego.fake_server import FakeServer
 
-from .conftest import APP_ID, CALLBACK_SECRET, SERVER_SECRET, callback
+from ..conftest import APP_ID, CALLBACK_SECRET, SERVER_SECRET, callback
 
 
 def start(client: FlaskClient, task_id: str = "s-1", owner: str = "owner-1", seq: int = 3) -> None:

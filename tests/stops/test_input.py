@@ -17,7 +17,7 @@ from manager.models import StopBatch, StopRequest, Task
 from manager.stored_text import MAX_REASON_LENGTH
 from manager.zego.fake_server import FakeServer
 
-from .conftest import callback
+from ..conftest import callback
 
 SLASHED_IDS = ["room-7/cam-2", "/lead", "a//b", "trail/", "x/stop"]
 

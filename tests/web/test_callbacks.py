@@ -20,7 +20,7 @@ from manager.config import Settings
 from manager.models import Delivery, Task
 from manager.zego.signing import signed_callback
 
-from .conftest import APP_ID, CALLBACK_SECRET, OLD_CALLBACK_SECRET, callback
+from ..conftest import APP_ID, CALLBACK_SECRET, OLD_CALLBACK_SECRET, callback
 
 
 def post(client: FlaskClient, body: Any, path: str = "/callbacks/zego") -> Any:

@@ -22,8 +22,8 @@ from manager.models import StopRequest
 from manager.zego.fake import Failure
 from manager.zego.fake_server import FakeServer
 
-from .conftest import APP_ID, CALLBACK_SECRET, SERVER_SECRET, callback
-from .live import gunicorn, manager_workers
+from ..conftest import APP_ID, CALLBACK_SECRET, SERVER_SECRET, callback
+from ..live import gunicorn, manager_workers
 
 pytestmark = pytest.mark.postgres
 

@@ -28,7 +28,7 @@ from manager.web.callbacks import STORED_BODY_BYTES
 from manager.zego.callbacks import MAX_CALLBACK_SEQUENCE
 from manager.zego.signing import callback_signature
 
-from .conftest import CALLBACK_SECRET, callback
+from ..conftest import CALLBACK_SECRET, callback
 
 START = "transcode_start"
 STOP = "transcode_stop"

@@ -24,7 +24,7 @@ from manager.models import Task, TaskRun
 from manager.tasks.queries import run_end, run_seconds
 from manager.zego.fake_server import FakeServer
 
-from .conftest import APP_ID, callback
+from ..conftest import APP_ID, callback
 
 T = datetime(2024, 5, 14, 12, 0, 0)
 

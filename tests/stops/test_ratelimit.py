@@ -36,7 +36,7 @@ from manager.stops.ratelimit import (
 )
 from manager.zego.fake import FakeZego
 
-from .conftest import APP_ID, CALLBACK_SECRET, SERVER_SECRET
+from ..conftest import APP_ID, CALLBACK_SECRET, SERVER_SECRET
 
 
 def throttled(rate: int, arrivals: list[float]) -> int:

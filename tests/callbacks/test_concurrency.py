@@ -19,10 +19,10 @@ from sqlalchemy.orm import Session
 from manager.config import Settings
 from manager.models import Delivery, Task, TaskRun
 
-from .callbacks.lifecycles import MAX_SPAN, random_lifecycle
-from .callbacks.test_history_property import body as history_body
-from .conftest import APP_ID, CALLBACK_SECRET, callback
-from .live import gunicorn
+from ..conftest import APP_ID, CALLBACK_SECRET, callback
+from ..live import gunicorn
+from .lifecycles import MAX_SPAN, random_lifecycle
+from .test_history_property import body as history_body
 
 pytestmark = pytest.mark.postgres
 

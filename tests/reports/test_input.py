@@ -19,7 +19,7 @@ from manager.models import Task, TaskRun
 from manager.reports import reporting
 from manager.reports.window import Window
 
-from .conftest import APP_ID, callback
+from ..conftest import APP_ID, callback
 
 NOW = datetime.utcnow().replace(microsecond=0)
 

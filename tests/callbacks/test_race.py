@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from manager.models import Delivery, Task
 
-from .conftest import APP_ID, callback
+from ..conftest import APP_ID, callback
 
 pytestmark = pytest.mark.postgres
 
