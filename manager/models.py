@@ -26,14 +26,14 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, mapped_column
 
 from manager.db import Base
+from manager.vocabulary import StopState, TaskStatus, Verdict, WaitReason, values
+from manager.zego.client import Outcome
 
-TASK_STATUSES = ("running", "stopping", "stopped", "failed")
-STOP_STATES = ("queued", "succeeded", "failed")
-# Why a queued stop waits: no share of the rate limit came in time, or ZEGOCLOUD
-# could not be reached on the last attempt.
-WAIT_REASONS = ("rate_limit", "zego_unreachable")
-ATTEMPT_OUTCOMES = ("success", "retryable", "permanent")
-VERDICTS = ("applied", "duplicate", "stale", "rejected")
+TASK_STATUSES = values(TaskStatus)
+STOP_STATES = values(StopState)
+WAIT_REASONS = values(WaitReason)
+ATTEMPT_OUTCOMES = values(Outcome)
+VERDICTS = values(Verdict)
 
 
 def _in(column: str, values: tuple[str, ...]) -> str:

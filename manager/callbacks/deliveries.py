@@ -21,6 +21,7 @@ from sqlalchemy.dialects import sqlite
 from manager.callbacks.history import IS_EVENT, Change, TaskState, event_of
 from manager.callbacks.rules import FAILED_ON_ITS_OWN
 from manager.models import CallbackNonce, Delivery, Task
+from manager.vocabulary import Verdict
 from manager.zego.callbacks import Callback, CallbackError
 
 # ZEGOCLOUD retries a callback 5 times within about 62 s (zego-reference.md §6.2); twice
@@ -84,8 +85,8 @@ def settle(
         task.updated_at = received_at
     details = None if cb.is_stop else newer_details(task, cb)
     if change.changed:
-        return "applied", None, details
-    return "stale", "older_than_state", details
+        return Verdict.APPLIED, None, details
+    return Verdict.STALE, "older_than_state", details
 
 
 def newer_details(task: TaskState, cb: Callback) -> Details | None:
@@ -116,7 +117,7 @@ def record_duplicate(
 ) -> Callable[[], Outcome]:
     conn.execute(_TOUCH_TASK, {"task_pk": task.id, "last_delivery_at": delivery["received_at"]})
     delivery_id = conn.execute(_INSERT_DELIVERY, delivery).scalar_one()
-    result = Outcome("duplicate", delivery["reason"], task.id, delivery_id)
+    result = Outcome(Verdict.DUPLICATE, delivery["reason"], task.id, delivery_id)
     return lambda: result
 
 

@@ -39,6 +39,7 @@ from manager.callbacks.pg_statements import (
 )
 from manager.callbacks.rules import NO_POSITION, TaskStatus, extend
 from manager.sqlutil import driver_execute
+from manager.vocabulary import Verdict
 from manager.zego.callbacks import STATUS_STARTED, Callback
 
 # A task, nonce or event key already there fails PG_GUARDED_WRITE and PG_CREATE_TASK
@@ -131,7 +132,9 @@ def create_task(
     task = _new_task(cb, received_at)
     change = advance(conn, task, event_of(cb), stored=False)  # extends: reads nothing
     details = newer_details(task, cb)
-    delivery = delivery_row(cb, 0, raw_body, body_size, received_at, remote_addr, "applied", None)
+    delivery = delivery_row(
+        cb, 0, raw_body, body_size, received_at, remote_addr, Verdict.APPLIED, None
+    )
     delivery["event_key"] = cb.event_key()
     values = pg_values(task, change, delivery, details)  # task_pk: the new row's id, in SQL
     values.update(
@@ -146,7 +149,7 @@ def create_task(
         if getattr(exc.orig, "sqlstate", None) == UNIQUE_VIOLATION:
             return None
         raise
-    return Outcome("applied", None, task_pk, delivery_id, refolded=False)
+    return Outcome(Verdict.APPLIED, None, task_pk, delivery_id, refolded=False)
 
 
 def _new_task(cb: Callback, received_at: datetime) -> TaskState:

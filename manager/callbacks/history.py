@@ -31,6 +31,7 @@ from manager.callbacks.rules import (
 )
 from manager.models import Delivery, StopAttempt, StopRequest, Task, TaskRun
 from manager.zego.callbacks import STATUS_STARTED, Callback
+from manager.zego.client import Outcome
 
 
 @dataclass(slots=True)
@@ -246,6 +247,6 @@ ACCEPTED_STOP_COLUMNS = (StopRequest.task_pk, StopAttempt.sequence, StopAttempt.
 ACCEPTED_STOPS = (
     select(*ACCEPTED_STOP_COLUMNS)
     .join(StopRequest, StopRequest.id == StopAttempt.stop_request_id)
-    .where(StopAttempt.outcome == "success")
+    .where(StopAttempt.outcome == Outcome.SUCCESS)
 )
 _ACCEPTED_STOPS_OF = ACCEPTED_STOPS.where(StopRequest.task_pk == bindparam("task_pk"))

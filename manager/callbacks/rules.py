@@ -63,6 +63,8 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from enum import IntEnum, StrEnum
 
+from manager.vocabulary import TaskStatus
+
 
 class Rank(IntEnum):
     """An event's rank at equal Sequence; SPEC's 1, 2, 2.5 and 3, doubled to stay integers."""
@@ -71,13 +73,6 @@ class Rank(IntEnum):
     UPDATED = 4
     STOP_REQUEST = 5
     STOPPED = 6
-
-
-class TaskStatus(StrEnum):
-    RUNNING = "running"
-    STOPPING = "stopping"
-    STOPPED = "stopped"
-    FAILED = "failed"
 
 
 class Ending(StrEnum):

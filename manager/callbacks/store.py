@@ -70,6 +70,7 @@ from manager.callbacks.pg_statements import (
 from manager.callbacks.task_rows import NEW_TASK, write_back
 from manager.models import Task
 from manager.sqlutil import driver_execute, driver_send
+from manager.vocabulary import Verdict
 from manager.zego.callbacks import Callback
 
 # The outcome once the delivery is recorded: (its id, None), or (None, the id of the
@@ -101,7 +102,7 @@ def apply_callback(
     task = TaskState(*row)
 
     delivery = delivery_row(
-        cb, task.id, raw_body, body_size, received_at, remote_addr, "duplicate", "same_nonce"
+        cb, task.id, raw_body, body_size, received_at, remote_addr, Verdict.DUPLICATE, "same_nonce"
     )
     if not nonce_claimed:
         return record_duplicate(conn, task, delivery)
@@ -121,7 +122,7 @@ def apply_callback(
             return Outcome(verdict, reason, task.id, delivery_id, refolded=change.full)
         # Another delivery holds the event key: this one is a resend, with a new nonce.
         assert duplicate_id is not None  # noqa: S101 - the statement writes one or the other
-        return Outcome("duplicate", "same_event", task.id, duplicate_id)
+        return Outcome(Verdict.DUPLICATE, "same_event", task.id, duplicate_id)
 
     if postgres:
         return _record_and_write_back_pg(conn, task, change, delivery, details, outcome)
@@ -182,7 +183,7 @@ def _record_and_write_back(
                 _WRITE_DETAILS, {"task_pk": task.id, "input": details[0], "outputs": details[1]}
             )
         return lambda: outcome(delivery_id, None)
-    delivery.update(event_key=None, verdict="duplicate", reason="same_event")
+    delivery.update(event_key=None, verdict=Verdict.DUPLICATE, reason="same_event")
     return record_duplicate(conn, task, delivery)
 
 

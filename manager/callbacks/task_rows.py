@@ -18,12 +18,13 @@ from sqlalchemy.dialects import postgresql, sqlite
 from manager.callbacks.history import STATE_FIELDS, TASK_STATE, Change, TaskState
 from manager.callbacks.rules import NO_POSITION
 from manager.models import Task, TaskRun
+from manager.vocabulary import TaskStatus
 
 # What the rules may change: every column of TaskState but the key.
 WRITTEN = tuple(name for name in STATE_FIELDS if name != "id")
 # A task's row before its first delivery.
 NEW_TASK = {
-    "status": "running",  # placeholder: a new task always applies its first delivery
+    "status": TaskStatus.RUNNING,  # placeholder: a new task always applies its first delivery
     "state_seq": NO_POSITION[0],
     "state_rank": NO_POSITION[1],
     "max_seq": NO_POSITION[0],

@@ -13,6 +13,7 @@ from manager.cli.errors import domain_errors
 from manager.services import get_dispatcher
 from manager.stops.dispatch import make_dispatcher, stop_task_now
 from manager.stops.requests import WAIT_REASON_TEXT
+from manager.vocabulary import StopState
 
 
 @click.command("stop")
@@ -36,11 +37,11 @@ def stop_command(task_id: str, reason: str | None, force: bool) -> None:
             force=force,
         )
     code = f" (ZEGO {stop.last_code}: {stop.last_message})" if stop.last_code is not None else ""
-    if stop.state == "queued" and stop.wait_reason is not None:
+    if stop.state == StopState.QUEUED and stop.wait_reason is not None:
         code += f" ({WAIT_REASON_TEXT[stop.wait_reason]})"
     prefix = "" if created else "already in flight: "
     click.echo(f"{prefix}stop request {stop.id} seq={stop.sequence} {stop.state}{code}")
-    if stop.state == "failed":
+    if stop.state == StopState.FAILED:
         raise click.ClickException("ZEGOCLOUD refused the stop")
 
 

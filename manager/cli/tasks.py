@@ -13,11 +13,12 @@ from manager.cli.common import echo_table, new_session, storable
 from manager.cli.errors import domain_errors
 from manager.clock import utcnow
 from manager.tasks.queries import TaskFilter, find_task, list_tasks, run_json, task_json, task_runs
+from manager.vocabulary import TaskStatus, values
 
 
 @click.command("tasks")
 @click.option("--task", "task_id", callback=storable, help="Show this task and its runs.")
-@click.option("--status", type=click.Choice(["running", "stopping", "stopped", "failed"]))
+@click.option("--status", type=click.Choice(values(TaskStatus)))
 @click.option("--owner", callback=storable)
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 500))
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")

@@ -20,6 +20,7 @@ from manager.models import Task, TaskRun
 from manager.reports.dialect import Dialect, Query, seconds
 from manager.reports.queries import RUN_FAILED, overlap, runs_in, stream
 from manager.reports.window import Window
+from manager.vocabulary import TaskStatus
 
 OWNERS_LIMIT = 100  # owners listed by default where a list is read, not exported
 MAX_OWNERS_LIMIT = 10_000
@@ -160,7 +161,7 @@ def _running_per_owner(window: Window, now: datetime, owner: str | None) -> tupl
     running_runs = runs_in(
         select(TaskRun.owner.label("owner"), func.count(TaskRun.task_pk.distinct()).label("n"))
         .join(Task, Task.id == TaskRun.task_pk)
-        .where(Task.status == "running"),
+        .where(Task.status == TaskStatus.RUNNING),
         window,
         now,
         owner,
@@ -199,7 +200,9 @@ def _top_owners(
         def of(match: ColumnElement[bool]) -> Any:
             query = runs_in(select(figure), window, now, None).where(match, *conditions)
             if running:
-                query = query.join(Task, Task.id == TaskRun.task_pk).where(Task.status == "running")
+                query = query.join(Task, Task.id == TaskRun.task_pk).where(
+                    Task.status == TaskStatus.RUNNING
+                )
             return query.correlate(top).scalar_subquery()
 
         # Owners are matched by equality, so the runs without one are counted on their

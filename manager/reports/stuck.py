@@ -18,8 +18,12 @@ from manager.clock import utcnow
 from manager.models import Task
 from manager.reports.dialect import ts
 from manager.reports.queries import stream
+from manager.stops.restops import RESTOP_AFTER
+from manager.vocabulary import TaskStatus
 
-STOPPING_GRACE = timedelta(seconds=120)
+# A task is stuck stopping once the worker would stop it again: one rule, one constant.
+STOPPING_GRACE = RESTOP_AFTER
+# A running task is stuck after a day without a delivery, unless asked otherwise.
 DEFAULT_SILENT_FOR = 86400
 
 
@@ -49,15 +53,17 @@ def stuck(
     stopping_since = Task.updated_at
     running_since = func.coalesce(Task.last_delivery_at, Task.updated_at)
     silent_cutoff = ts(now - timedelta(seconds=silent_for))
-    is_stopping = and_(Task.status == "stopping", Task.updated_at < ts(now - STOPPING_GRACE))
+    is_stopping = and_(
+        Task.status == TaskStatus.STOPPING, Task.updated_at < ts(now - STOPPING_GRACE)
+    )
     is_silent = and_(
-        Task.status == "running",
+        Task.status == TaskStatus.RUNNING,
         or_(
             Task.last_delivery_at < silent_cutoff,
             and_(Task.last_delivery_at.is_(None), Task.updated_at < silent_cutoff),
         ),
     )
-    since = case((Task.status == "stopping", stopping_since), else_=running_since)
+    since = case((Task.status == TaskStatus.STOPPING, stopping_since), else_=running_since)
     query = select(Task.task_id, Task.owner, Task.status, since.label("since")).where(
         or_(is_stopping, is_silent)
     )
@@ -65,7 +71,7 @@ def stuck(
         query = query.where(Task.owner == owner)
     query = query.order_by(since.asc(), Task.task_id.asc())
     for task_id, task_owner, status, since_at in stream(session, query):
-        reason = "no_stop_callback" if status == "stopping" else "no_delivery"
+        reason = "no_stop_callback" if status == TaskStatus.STOPPING else "no_delivery"
         yield StuckTask(task_id, task_owner, status, _naive(since_at), reason)
 
 

@@ -34,6 +34,7 @@ from manager.reports.queries import (
     runs_in,
 )
 from manager.reports.window import Window
+from manager.vocabulary import TaskStatus
 
 Durations: TypeAlias = dict[str, float | None]
 # Runs ended in the window: how many, how many failed, how many ended unseen, durations.
@@ -92,9 +93,9 @@ def _tasks_by_status(
     total_query = runs_in(select(func.count(TaskRun.task_pk.distinct())), window, now, owner)
     total = int(session.execute(total_query).scalar_one())
     has_run = runs_in(select(TaskRun.id), window, now, owner).where(TaskRun.task_pk == Task.id)
-    others = tuple(status for status in TASK_STATUSES if status != "stopped")
+    others = tuple(status for status in TASK_STATUSES if status != TaskStatus.STOPPED)
     by_status = counts_each(session, Task.status, others, [has_run.exists()])
-    by_status["stopped"] = total - sum(by_status.values())
+    by_status[TaskStatus.STOPPED] = total - sum(by_status.values())
     return {**{status: by_status[status] for status in TASK_STATUSES}, "total": total}
 
 

@@ -20,7 +20,8 @@ from manager.callbacks.accepted_stops import apply_accepted_stops
 from manager.models import Delivery, StopAttempt, StopRequest, Task
 from manager.stops.policy import RetryPolicy
 from manager.stops.requests import Job
-from manager.zego.client import BAD_INPUT, ZegoReply
+from manager.vocabulary import StopState, WaitReason
+from manager.zego.client import BAD_INPUT, Outcome, ZegoReply
 
 
 def record_attempts(
@@ -50,13 +51,15 @@ def record_attempts(
             # one was taken before the attempt waited for a unit of the rate limit, and a
             # callback has since brought the same or a higher Sequence: the next attempt
             # takes a new one, above it.
-            reply = replace(reply, outcome="retryable")
+            reply = replace(reply, outcome=Outcome.RETRYABLE)
         count = job.attempts_before + 1
         state = policy.next_state(reply.outcome, count)
-        retry_at = now + timedelta(seconds=policy.delay(count, rng)) if state == "queued" else None
+        retry_at = (
+            now + timedelta(seconds=policy.delay(count, rng)) if state == StopState.QUEUED else None
+        )
         attempts.append(_attempt_row(job, reply, worker, now))
         requests.append(_request_row(job, reply, state, count, now, retry_at))
-        if state == "succeeded":
+        if state == StopState.SUCCEEDED:
             stopping.append((job.stop_request_id, job.sequence))
         states.append(state)
     session.execute(_INSERT_ATTEMPT, attempts)
@@ -91,7 +94,7 @@ def _request_row(
 ) -> dict[str, Any]:
     """The request after the answer, for _UPDATE_REQUEST."""
     # No answer at all (refused connection, timeout): the operator may have to act.
-    unreachable = state == "queued" and reply.http_status is None and reply.code is None
+    unreachable = state == StopState.QUEUED and reply.http_status is None and reply.code is None
     return {
         "b_id": job.stop_request_id,
         "b_sent_seq": job.sequence,
@@ -100,9 +103,9 @@ def _request_row(
         "b_code": reply.code,
         "b_message": reply.message,
         "b_request_id": reply.request_id,
-        "b_completed_at": None if state == "queued" else now,
+        "b_completed_at": None if state == StopState.QUEUED else now,
         "b_next_attempt_at": retry_at,
-        "b_wait_reason": "zego_unreachable" if unreachable else None,
+        "b_wait_reason": WaitReason.ZEGO_UNREACHABLE if unreachable else None,
     }
 
 
@@ -146,7 +149,7 @@ _UPDATE_REQUEST = (
     _requests_table.update()
     .where(
         _requests.id == bindparam("b_id"),
-        _requests.state == "queued",
+        _requests.state == StopState.QUEUED,
         _requests.sequence == bindparam("b_sent_seq"),
     )
     .values(

@@ -19,6 +19,7 @@ from manager.errors import Invalid
 from manager.models import StopBatch, StopRequest, Task
 from manager.sqlutil import insert_for
 from manager.stops.requests import QUEUED_ONLY
+from manager.vocabulary import StopState, TaskStatus
 
 MAX_BULK_TASKS = 10_000
 _requests_table = cast(Table, StopRequest.__table__)
@@ -80,7 +81,7 @@ def _queue_stops(
     source = select(
         Task.id,
         literal(batch_id),
-        literal("queued"),
+        literal(StopState.QUEUED.value),
         Task.owner,
         literal(requested_by),
         literal(reason, String),
@@ -115,9 +116,9 @@ def create_batch(
     if selection.task_ids is not None:
         query = query.where(Task.task_id.in_(selection.task_ids))
     elif selection.owner is not None:
-        query = query.where(Task.owner == selection.owner, Task.status == "running")
+        query = query.where(Task.owner == selection.owner, Task.status == TaskStatus.RUNNING)
     else:
-        query = query.where(Task.status == "running")
+        query = query.where(Task.status == TaskStatus.RUNNING)
     rows = session.execute(query.order_by(Task.id)).all()
 
     skipped: dict[str, str] = {}
@@ -126,7 +127,7 @@ def create_batch(
         skipped.update({t: "unknown_task" for t in selection.task_ids if t not in known})
     eligible: dict[int, str] = {}
     for row in rows:
-        if row.status != "running":
+        if row.status != TaskStatus.RUNNING:
             skipped[row.task_id] = f"task is {row.status}"
         elif row.owner is None:
             skipped[row.task_id] = "owner_unknown"

@@ -16,6 +16,7 @@ from manager.callbacks.rules import ENDED
 from manager.models import StopRequest, Task
 from manager.stops.policy import RetryPolicy
 from manager.stops.requests import Job
+from manager.vocabulary import StopState
 
 
 def claim_due(
@@ -32,7 +33,7 @@ def claim_due(
     rows = session.execute(
         select(StopRequest.id, StopRequest.task_pk, StopRequest.user_id, StopRequest.attempts)
         .where(
-            StopRequest.state == "queued",
+            StopRequest.state == StopState.QUEUED,
             StopRequest.next_attempt_at <= now,
             or_(StopRequest.claimed_until.is_(None), StopRequest.claimed_until < now),
         )
@@ -91,7 +92,7 @@ def settle_ended(session: Session, now: datetime) -> int:
         session.execute(
             select(StopRequest.id)
             .where(
-                StopRequest.state == "queued",
+                StopRequest.state == StopState.QUEUED,
                 or_(StopRequest.claimed_until.is_(None), StopRequest.claimed_until < now),
                 ended_since_asked.exists(),
             )
@@ -102,7 +103,9 @@ def settle_ended(session: Session, now: datetime) -> int:
         session.execute(
             update(StopRequest)
             .where(StopRequest.id.in_(ids))
-            .values(state="succeeded", completed_at=now, claimed_until=None, claimed_by=None)
+            .values(
+                state=StopState.SUCCEEDED, completed_at=now, claimed_until=None, claimed_by=None
+            )
             .execution_options(synchronize_session=False)
         )
     return len(ids)
@@ -123,7 +126,7 @@ def release(
         update(StopRequest)
         .where(
             StopRequest.id.in_(stop_request_ids),
-            StopRequest.state == "queued",
+            StopRequest.state == StopState.QUEUED,
             StopRequest.claimed_by == claimant,
         )
         .values(claimed_until=None, claimed_by=None, wait_reason=reason)

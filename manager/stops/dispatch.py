@@ -30,6 +30,7 @@ from manager.stops.policy import RetryPolicy
 from manager.stops.ratelimit import Grant, RateShare
 from manager.stops.requests import Job, prepare_attempt, request_stop
 from manager.tasks.queries import find_task
+from manager.vocabulary import WaitReason
 from manager.zego.client import DEFAULT_POOL_SIZE, ClientConfig, ZegoClient, ZegoReply
 from manager.zego.guard import DeadlinePassed, SendGuard
 
@@ -144,7 +145,7 @@ class Dispatcher:
 
     def wait_for_share(self, jobs: list[Job], waited: float) -> None:
         """Put jobs back in the queue that found no share of the rate limit, and say so."""
-        count_stop_wait("rate_limit", len(jobs))
+        count_stop_wait(WaitReason.RATE_LIMIT, len(jobs))
         self.no_share.warn(
             "no share of the ZEGOCLOUD rate limit for %.1f s (every unit in use by other "
             "processes, or the database too slow to lease one): %d stop(s) left queued",
@@ -152,7 +153,9 @@ class Dispatcher:
             len(jobs),
         )
         with write_transaction(self.sessions) as session:
-            release(session, [job.stop_request_id for job in jobs], self.name, "rate_limit")
+            release(
+                session, [job.stop_request_id for job in jobs], self.name, WaitReason.RATE_LIMIT
+            )
 
     def _record_answer(self, job: Job, reply: ZegoReply) -> str:
         """Store the answer of a call that went out, trying again while the database
@@ -187,7 +190,7 @@ class Dispatcher:
 
 def log_call(job: Job, reply: ZegoReply) -> None:
     if reply.http_status is None and reply.code is None:
-        count_stop_wait("zego_unreachable", 1)
+        count_stop_wait(WaitReason.ZEGO_UNREACHABLE, 1)
         log.warning(
             "ZEGOCLOUD not reached: StopCloudTranscode task=%s seq=%s (%s); the stop is retried",
             job.task_id,

@@ -6,6 +6,9 @@ import random
 from dataclasses import dataclass
 from datetime import timedelta
 
+from manager.vocabulary import StopState
+from manager.zego.client import Outcome
+
 
 @dataclass(frozen=True)
 class RetryPolicy:
@@ -22,8 +25,8 @@ class RetryPolicy:
     def next_state(self, outcome: str, attempts: int) -> str:
         """What an answer makes of its request after `attempts` attempts: succeeded; failed
         (refused for good, or the last attempt); or queued for another."""
-        if outcome == "success":
-            return "succeeded"
-        if outcome == "permanent" or attempts >= self.max_attempts:
-            return "failed"
-        return "queued"
+        if outcome == Outcome.SUCCESS:
+            return StopState.SUCCEEDED
+        if outcome == Outcome.PERMANENT or attempts >= self.max_attempts:
+            return StopState.FAILED
+        return StopState.QUEUED

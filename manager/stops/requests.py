@@ -22,15 +22,16 @@ from manager.callbacks.rules import ENDED
 from manager.errors import Conflict
 from manager.models import StopRequest, Task
 from manager.stops.policy import RetryPolicy
+from manager.vocabulary import StopState, TaskStatus, WaitReason
 
 # The predicate of the partial unique index (one queued request per task), as a
 # literal: PostgreSQL infers the ON CONFLICT target from it, which a bound parameter
 # would defeat.
 QUEUED_ONLY = literal_column("state = 'queued'", Boolean)
 # What each of models.WAIT_REASONS means, as the CLI and the dashboard say it.
-WAIT_REASON_TEXT = {
-    "rate_limit": "no share of the ZEGOCLOUD rate limit came in time",
-    "zego_unreachable": "ZEGOCLOUD did not answer the last attempt",
+WAIT_REASON_TEXT: dict[str, str] = {
+    WaitReason.RATE_LIMIT: "no share of the ZEGOCLOUD rate limit came in time",
+    WaitReason.ZEGO_UNREACHABLE: "ZEGOCLOUD did not answer the last attempt",
 }
 
 
@@ -72,13 +73,15 @@ def request_stop(
     """
     task = lock_task(session, task.id)
     queued = session.execute(
-        select(StopRequest).where(StopRequest.task_pk == task.id, StopRequest.state == "queued")
+        select(StopRequest).where(
+            StopRequest.task_pk == task.id, StopRequest.state == StopState.QUEUED
+        )
     ).scalar_one_or_none()
     if queued is not None:
         return queued, False
-    if task.status == "stopping" and not force:
+    if task.status == TaskStatus.STOPPING and not force:
         latest = latest_stop_request(session, task.id)
-        if latest is not None and latest.state == "succeeded":
+        if latest is not None and latest.state == StopState.SUCCEEDED:
             return latest, False
     if task.status in ENDED and not force:
         raise Conflict("already_stopped", f"task {task.task_id!r} is already {task.status}")
@@ -86,7 +89,7 @@ def request_stop(
         raise Conflict("owner_unknown", "no start callback has named this task's owner yet")
     stop = StopRequest(
         task_pk=task.id,
-        state="queued",
+        state=StopState.QUEUED,
         user_id=task.owner,
         requested_by=requested_by,
         reason=reason,
@@ -106,7 +109,7 @@ def queued_by_wait_reason(session: Session) -> dict[str | None, int]:
     """How many stop requests are queued, by wait_reason (None: no reason to give)."""
     rows = session.execute(
         select(StopRequest.wait_reason, func.count())
-        .where(StopRequest.state == "queued")
+        .where(StopRequest.state == StopState.QUEUED)
         .group_by(StopRequest.wait_reason)
     )
     return {reason: count for reason, count in rows}

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from manager.models import StopRequest, Task
 from manager.sqlutil import insert_ignore
 from manager.stops.requests import QUEUED_ONLY
+from manager.vocabulary import StopState, TaskStatus
 
 RESTOP_AFTER = timedelta(seconds=120)
 MAX_RESTOPS = 3
@@ -30,7 +31,7 @@ def stuck_stopping(session: Session, now: datetime, limit: int = 100) -> list[Ta
     queued_or_recent = select(StopRequest.id).where(
         StopRequest.task_pk == Task.id,
         or_(
-            StopRequest.state == "queued",
+            StopRequest.state == StopState.QUEUED,
             func.coalesce(StopRequest.completed_at, StopRequest.created_at) >= now - RESTOP_AFTER,
         ),
     )
@@ -47,7 +48,7 @@ def stuck_stopping(session: Session, now: datetime, limit: int = 100) -> list[Ta
         session.execute(
             select(Task)
             .where(
-                Task.status == "stopping",
+                Task.status == TaskStatus.STOPPING,
                 Task.updated_at < now - RESTOP_AFTER,
                 ~queued_or_recent.exists(),
                 restops < MAX_RESTOPS,
@@ -61,7 +62,7 @@ def queue_restop(session: Session, task: Task, now: datetime) -> bool:
     """Queue one more stop for a stuck task, for the workers to send; True if queued."""
     stop = StopRequest(
         task_pk=task.id,
-        state="queued",
+        state=StopState.QUEUED,
         user_id=task.owner or "",
         requested_by=RESTOP_BY,
         reason=f"no stop callback within {int(RESTOP_AFTER.total_seconds())} s",

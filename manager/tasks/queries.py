@@ -24,6 +24,7 @@ from manager.models import (
     Task,
     TaskRun,
 )
+from manager.vocabulary import StopState
 
 MAX_PAGE = 500
 HISTORY_LIMIT = 1000
@@ -259,9 +260,9 @@ def stop_request_json(
         "batch_id": stop.batch_id,
         "created_at": iso(stop.created_at),
         "attempts": stop.attempts,
-        "next_attempt_at": iso(stop.next_attempt_at) if stop.state == "queued" else None,
+        "next_attempt_at": iso(stop.next_attempt_at) if stop.state == StopState.QUEUED else None,
         # Why a queued stop has not gone out, when an operator may need to act.
-        "wait_reason": stop.wait_reason if stop.state == "queued" else None,
+        "wait_reason": stop.wait_reason if stop.state == StopState.QUEUED else None,
         "completed_at": iso(stop.completed_at),
         "zego": {
             "code": stop.last_code,
@@ -322,7 +323,7 @@ def batch_json(session: Session, batch: StopBatch, with_items: bool = False) -> 
         "selector": batch.selector,
         "total": batch.total,
         "progress": {state: counts.get(state, 0) for state in STOP_STATES},
-        "done": counts.get("queued", 0) == 0,
+        "done": counts.get(StopState.QUEUED, 0) == 0,
     }
     if with_items:
         rows = session.execute(

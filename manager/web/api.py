@@ -34,6 +34,7 @@ from manager.tasks.queries import (
     task_runs,
     task_stop_requests,
 )
+from manager.vocabulary import StopState
 from manager.web.auth import require_token
 
 # MAX_BULK_TASKS ids of up to 256 characters, quoted and separated, with room to spare.
@@ -116,9 +117,9 @@ def stop_task(task_id: str) -> tuple[dict[str, Any], int]:
         force=force,
     )
     body = {"stop_request": stop_request_json(stop, task_id), "created": created}
-    if stop.state == "succeeded":
+    if stop.state == StopState.SUCCEEDED:
         return body, 200
-    if stop.state == "queued":
+    if stop.state == StopState.QUEUED:
         return body, 202
     message = f"ZEGOCLOUD refused the stop: {stop.last_code} {stop.last_message}"
     error = {

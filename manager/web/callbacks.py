@@ -33,6 +33,7 @@ from manager.config import MAX_BODY_BYTES, Settings
 from manager.db import write_connection, write_then_read
 from manager.metrics import CALLBACK_LATENCY, count_delivery, count_fold
 from manager.models import Delivery
+from manager.vocabulary import Verdict
 from manager.web.errors import error_body, http_error_parts
 from manager.zego.callbacks import (
     EVENT_START,
@@ -171,7 +172,7 @@ class CallbackEndpoint:
         values.update((k, v) for k, v in exc.fields.items() if k in _AUDIT_COLUMNS)
         values.update(
             received_at=received_at,
-            verdict="rejected",
+            verdict=Verdict.REJECTED,
             reason=exc.code,
             remote_addr=remote_addr,
             body_size=size,
@@ -183,14 +184,14 @@ class CallbackEndpoint:
         except SQLAlchemyError as db_exc:
             log.warning("rejected callback not recorded: %s", type(db_exc).__name__)
             return 503, error_body("database_unavailable", "the callback could not be stored")
-        count_delivery("rejected", exc.code)
+        count_delivery(Verdict.REJECTED, exc.code)
         return exc.status, error_body(exc.code, exc.message)
 
 
 # The 200 answers, serialised once, as jsonify would: {"code": 0, "verdict": ...}.
-_ANSWERS = {
+_ANSWERS: dict[str, bytes] = {
     verdict: (json.dumps({"code": 0, "verdict": verdict}, separators=(",", ":")) + "\n").encode()
-    for verdict in ("applied", "duplicate", "stale")
+    for verdict in (Verdict.APPLIED, Verdict.DUPLICATE, Verdict.STALE)
 }
 
 

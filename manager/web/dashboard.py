@@ -49,6 +49,7 @@ from manager.tasks.queries import (
     task_deliveries,
     task_runs,
 )
+from manager.vocabulary import StopState, TaskStatus, Verdict
 from manager.web.api import TaskIdConverter
 from manager.web.auth import sign_in
 from manager.web.charts import daily_chart
@@ -57,7 +58,6 @@ CHART_DAYS = 14
 DELIVERY_ROWS = 50
 TASK_ROWS = 200
 MAX_TASK_ID = 256  # tasks.task_id is a String(256)
-STUCK_SILENT_FOR = 86400
 STUCK_REASONS = {"no_stop_callback": "no stop callback", "no_delivery": "no callback"}
 VERDICT_CLASSES = {"applied": "ok", "duplicate": "muted", "stale": "warn", "rejected": "bad"}
 STOP_ROWS = 20
@@ -205,8 +205,8 @@ def index() -> str:
     db = get_session()
     now = utcnow()
     app_id = get_settings().zego_app_id
-    running, running_total = _tasks(db, app_id, "running")
-    stopping, stopping_total = _tasks(db, app_id, "stopping")
+    running, running_total = _tasks(db, app_id, TaskStatus.RUNNING)
+    stopping, stopping_total = _tasks(db, app_id, TaskStatus.STOPPING)
     days = chart_days(db, now)
     page = render_template(
         "dashboard.html",
@@ -217,7 +217,7 @@ def index() -> str:
         stopping_total=stopping_total,
         stop_requests=_latest_stops(db, [t.id for t in stopping]),
         stuck=stuck_tasks(db, now),
-        stuck_silent_hours=STUCK_SILENT_FOR // 3600,
+        stuck_silent_hours=reporting.DEFAULT_SILENT_FOR // 3600,
         stopping_grace=int(reporting.STOPPING_GRACE.total_seconds()),
         deliveries=_deliveries(db, app_id),
         verdict_classes=VERDICT_CLASSES,
@@ -337,7 +337,7 @@ def stop_message(task_id: str, stop: StopRequest, created: bool) -> tuple[str, s
     zego = f"ZEGOCLOUD code {stop.last_code}" + (
         f": {stop.last_message}" if stop.last_message else ""
     )
-    if stop.state == "succeeded":
+    if stop.state == StopState.SUCCEEDED:
         if not created:
             return f"{task_id} was already stopping (Sequence {stop.sequence}).", "ok"
         return (
@@ -345,7 +345,7 @@ def stop_message(task_id: str, stop: StopRequest, created: bool) -> tuple[str, s
             "the task is stopping.",
             "ok",
         )
-    if stop.state == "queued":
+    if stop.state == StopState.QUEUED:
         if not created:
             return f"A stop for {task_id} is already queued; the worker will send it.", "warn"
         detail = f" ({zego})" if stop.last_code is not None else ""
@@ -384,7 +384,7 @@ def stuck_tasks(db: Session, now: datetime) -> list[reporting.StuckTask]:
     """The stuck report (stopping with no stop callback, running gone silent), longest first."""
     rows = cast(
         Generator[reporting.StuckTask, None, None],
-        reporting.stuck(db, now=now, silent_for=STUCK_SILENT_FOR),
+        reporting.stuck(db, now=now, silent_for=reporting.DEFAULT_SILENT_FOR),
     )
     try:
         return list(islice(rows, TASK_ROWS))
@@ -396,7 +396,7 @@ def _deliveries(db: Session, app_id: int | None) -> list[Delivery]:
     query = select(Delivery)
     if app_id is not None:
         # Rejected deliveries may carry no (or a wrong) AppId; show them too.
-        query = query.where(or_(Delivery.app_id == app_id, Delivery.verdict == "rejected"))
+        query = query.where(or_(Delivery.app_id == app_id, Delivery.verdict == Verdict.REJECTED))
     return list(db.execute(query.order_by(Delivery.id.desc()).limit(DELIVERY_ROWS)).scalars())
 
 

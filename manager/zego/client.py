@@ -6,7 +6,8 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from enum import StrEnum
+from typing import Any
 
 import requests
 
@@ -15,7 +16,15 @@ from manager.zego.signing import api_signature, new_nonce
 
 log = logging.getLogger(__name__)
 
-Outcome = Literal["success", "retryable", "permanent"]
+
+class Outcome(StrEnum):
+    """ZEGOCLOUD's answer to a call, classified: done, worth another try, or refused."""
+
+    SUCCESS = "success"
+    RETRYABLE = "retryable"
+    PERMANENT = "permanent"
+
+
 # (connect, read) seconds; the connect timeout is just over a multiple of 3 s, TCP's
 # retransmission window, as requests' documentation advises.
 DEFAULT_TIMEOUT = (3.05, 10.0)
@@ -48,7 +57,7 @@ class ZegoReply:
 
     @property
     def ok(self) -> bool:
-        return self.outcome == "success"
+        return self.outcome == Outcome.SUCCESS
 
 
 @dataclass(frozen=True)
@@ -61,8 +70,8 @@ class PreparedCall:
 
 def classify(code: int) -> Outcome:
     if code == 0:
-        return "success"
-    return "retryable" if code in RETRYABLE_CODES else "permanent"
+        return Outcome.SUCCESS
+    return Outcome.RETRYABLE if code in RETRYABLE_CODES else Outcome.PERMANENT
 
 
 class ZegoClient:
@@ -142,9 +151,11 @@ class ZegoClient:
                 with guarded(guard):
                     response = self._send(prepared)
         except requests.Timeout:
-            return self._reply("retryable", None, "timed out", None, None, started)
+            return self._reply(Outcome.RETRYABLE, None, "timed out", None, None, started)
         except requests.RequestException as exc:
-            return self._reply("retryable", None, f"{type(exc).__name__}", None, None, started)
+            return self._reply(
+                Outcome.RETRYABLE, None, f"{type(exc).__name__}", None, None, started
+            )
         return self._parse(response, started)
 
     def _send(self, prepared: PreparedCall) -> requests.Response:
@@ -159,14 +170,14 @@ class ZegoClient:
             request_id = envelope.get("RequestId")
         except (ValueError, KeyError, TypeError):
             retryable = status == 429 or status >= 500
-            outcome: Outcome = "retryable" if retryable else "permanent"
+            outcome: Outcome = Outcome.RETRYABLE if retryable else Outcome.PERMANENT
             return self._reply(
                 outcome, None, f"HTTP {status} without a ZEGO envelope", None, status, started
             )
         if status == 429 or status >= 500:
-            outcome = "retryable"
+            outcome = Outcome.RETRYABLE
         elif status >= 400 and code == 0:
-            outcome = "permanent"
+            outcome = Outcome.PERMANENT
         else:
             outcome = classify(code)
         return self._reply(
