@@ -24,6 +24,11 @@ from manager.models import CallbackNonce, Delivery, Task
 from manager.vocabulary import Verdict
 from manager.zego.callbacks import Callback, CallbackError
 
+
+class ReplayedCallback(CallbackError):
+    """A (Timestamp, Nonce) pair seen before, with a different body: a replay, refused."""
+
+
 # ZEGOCLOUD retries a callback 5 times within about 62 s (zego-reference.md §6.2); twice
 # that, to be safe, tells a resend of a failure stop from another failure.
 RESEND_SPAN = timedelta(seconds=120)
@@ -151,8 +156,7 @@ def check_retransmission(conn: Connection, cb: Callback, digest: str) -> None:
         _SEEN_DIGEST, {"zego_timestamp": cb.timestamp, "nonce": cb.nonce}
     ).scalar_one()
     if seen != digest:
-        raise CallbackError(
-            409,
+        raise ReplayedCallback(
             "nonce_reused",
             "this Timestamp and Nonce were already used with a different body",
             cb.audit_fields(),

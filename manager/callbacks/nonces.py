@@ -2,9 +2,10 @@
 
 The ledger only has to answer for (Timestamp, Nonce) pairs inside the freshness
 window: an older Timestamp is refused as stale before the ledger is asked. So pairs
-older than CALLBACK_MAX_AGE, and an hour for clock skew, are deleted. Every process
-reads CALLBACK_MAX_AGE from the same environment. The delete is a range of the
-ledger's key, which leads with the Timestamp.
+older than the window, and an hour for clock skew, are deleted. The worker prunes
+with the widest window any process may use (7 days, the largest CALLBACK_MAX_AGE),
+not its own: an app process set wider would otherwise find a fresh pair gone. The
+delete is a range of the ledger's key, which leads with the Timestamp.
 """
 
 from __future__ import annotations

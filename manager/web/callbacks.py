@@ -26,6 +26,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.http import HTTP_STATUS_CODES
 from werkzeug.wsgi import get_content_length, get_input_stream
 
+from manager.callbacks.deliveries import ReplayedCallback
 from manager.callbacks.fast_path import apply_optimistically
 from manager.callbacks.store import apply_callback
 from manager.clock import utcnow
@@ -39,12 +40,43 @@ from manager.zego.callbacks import (
     EVENT_START,
     EVENT_STOP,
     CallbackError,
+    ForeignCallback,
+    MalformedCallback,
+    UnverifiedCallback,
     decode_body,
     parse_callback,
     verify_callback,
 )
 
 log = logging.getLogger(__name__)
+
+
+class BodyTooLarge(CallbackError):
+    """A body over MAX_BODY_BYTES, refused unread."""
+
+
+class CallbacksNotConfigured(CallbackError):
+    """ZEGO_APP_ID or ZEGO_CALLBACK_SECRET is not set: nothing can be verified."""
+
+
+# The answer to each kind of refusal.
+STATUS_OF: dict[type[CallbackError], int] = {
+    MalformedCallback: 400,
+    UnverifiedCallback: 401,
+    ForeignCallback: 403,
+    ReplayedCallback: 409,
+    BodyTooLarge: 413,
+    CallbacksNotConfigured: 503,
+}
+
+
+def status_of(exc: CallbackError) -> int:
+    for kind in type(exc).__mro__:
+        if kind in STATUS_OF:
+            return STATUS_OF[kind]
+    return 400
+
+
 bp = Blueprint("callbacks", __name__)
 
 # Enough to audit any real callback; a flood of junk cannot grow the table fast.
@@ -118,13 +150,11 @@ class CallbackEndpoint:
         remote_addr = environ.get("REMOTE_ADDR")
         try:
             if size > MAX_BODY_BYTES:
-                raise CallbackError(
-                    413, "body_too_large", f"the body exceeds {MAX_BODY_BYTES} bytes"
-                )
+                raise BodyTooLarge("body_too_large", f"the body exceeds {MAX_BODY_BYTES} bytes")
             settings: Settings = self.extensions["manager.settings"]
             if settings.zego_app_id is None or not settings.callback_secrets:
-                raise CallbackError(
-                    503, "not_configured", "ZEGO_APP_ID and ZEGO_CALLBACK_SECRET must be set"
+                raise CallbacksNotConfigured(
+                    "not_configured", "ZEGO_APP_ID and ZEGO_CALLBACK_SECRET must be set"
                 )
             cb = parse_callback(decode_body(raw, environ.get("CONTENT_TYPE")), path_event)
             verify_callback(
@@ -185,7 +215,7 @@ class CallbackEndpoint:
             log.warning("rejected callback not recorded: %s", type(db_exc).__name__)
             return 503, error_body("database_unavailable", "the callback could not be stored")
         count_delivery(Verdict.REJECTED, exc.code)
-        return exc.status, error_body(exc.code, exc.message)
+        return status_of(exc), error_body(exc.code, exc.message)
 
 
 # The 200 answers, serialised once, as jsonify would: {"code": 0, "verdict": ...}.

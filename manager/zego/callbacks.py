@@ -39,17 +39,27 @@ T = TypeVar("T")
 
 
 class CallbackError(Exception):
-    """A callback that is refused; `status` and `code` become the JSON error."""
+    """A callback that is refused: `code` names why, the kind (subclass) says how; the
+    web edge answers each kind with its status (manager/web/callbacks.py)."""
 
-    def __init__(
-        self, status: int, code: str, message: str, fields: Mapping[str, Any] | None = None
-    ):
+    def __init__(self, code: str, message: str, fields: Mapping[str, Any] | None = None):
         super().__init__(message)
-        self.status = status
         self.code = code
         self.message = message
         # Whatever could be read before the refusal, so the rejection is auditable.
         self.fields: dict[str, Any] = dict(fields or {})
+
+
+class MalformedCallback(CallbackError):
+    """The body or a field is not what ZEGOCLOUD sends."""
+
+
+class UnverifiedCallback(CallbackError):
+    """The signature does not match, or the Timestamp is outside the freshness window."""
+
+
+class ForeignCallback(CallbackError):
+    """A correctly signed callback for another AppId."""
 
 
 @dataclass(frozen=True)
@@ -111,12 +121,12 @@ class Callback:
 def decode_body(raw: bytes, content_type: str | None = None) -> dict[str, Any]:
     """Turn the body into a dict: JSON, percent-encoded JSON, or a form (field holding JSON)."""
     if not raw.strip():
-        raise CallbackError(400, "empty_body", "the request body is empty")
+        raise MalformedCallback("empty_body", "the request body is empty")
     try:
         # utf-8-sig: a byte-order mark in front is allowed (RFC 8259 lets parsers ignore it).
         text = raw.decode("utf-8-sig").strip()
     except UnicodeDecodeError:
-        raise CallbackError(400, "invalid_encoding", "the request body is not UTF-8") from None
+        raise MalformedCallback("invalid_encoding", "the request body is not UTF-8") from None
     if text.startswith("{"):
         return _json_object(text)
     if text.startswith("%7B") or text.startswith("%7b"):
@@ -127,10 +137,10 @@ def decode_body(raw: bytes, content_type: str | None = None) -> dict[str, Any]:
         except CallbackError:
             pass  # not JSON at all: perhaps a form
         else:
-            raise CallbackError(400, "invalid_json", "the request body must be a JSON object")
+            raise MalformedCallback("invalid_json", "the request body must be a JSON object")
     if "=" in text:
         return _form(text)
-    raise CallbackError(400, "invalid_body", "the request body is neither JSON nor a form")
+    raise MalformedCallback("invalid_body", "the request body is neither JSON nor a form")
 
 
 # The first character of a JSON text that is not an object.
@@ -153,11 +163,11 @@ def _loads(text: str) -> Any:
     try:
         value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, RecursionError):
-        raise CallbackError(400, "invalid_json", "the request body is not valid JSON") from None
+        raise MalformedCallback("invalid_json", "the request body is not valid JSON") from None
     # Counting brackets is cheap and, for every real callback, settles it.
     if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _depth_exceeds(value):
-        raise CallbackError(
-            400, "invalid_json", f"the request body's JSON is nested over {MAX_JSON_DEPTH} deep"
+        raise MalformedCallback(
+            "invalid_json", f"the request body's JSON is nested over {MAX_JSON_DEPTH} deep"
         )
     return value
 
@@ -182,7 +192,7 @@ def _depth_exceeds(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
 def _json_object(text: str) -> dict[str, Any]:
     value = _loads(text)
     if not isinstance(value, dict):
-        raise CallbackError(400, "invalid_json", "the request body must be a JSON object")
+        raise MalformedCallback("invalid_json", "the request body must be a JSON object")
     return value
 
 
@@ -193,14 +203,14 @@ def _percent_encoded_json(text: str) -> dict[str, Any]:
             return _json_object(decode(text, errors="strict"))
         except (CallbackError, UnicodeDecodeError):
             continue
-    raise CallbackError(400, "invalid_json", "the percent-encoded body is not a JSON object")
+    raise MalformedCallback("invalid_json", "the percent-encoded body is not a JSON object")
 
 
 def _form(text: str) -> dict[str, Any]:
     try:
         pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=True, errors="strict")
     except (ValueError, UnicodeDecodeError):
-        raise CallbackError(400, "invalid_body", "the form body could not be parsed") from None
+        raise MalformedCallback("invalid_body", "the form body could not be parsed") from None
     fields = dict(pairs)
     holders = [v for v in fields.values() if v.lstrip().startswith("{")]
     if len(fields) == 1 and holders:
@@ -219,16 +229,16 @@ def _text(payload: Mapping[str, Any], name: str, *, required: bool, limit: int) 
     value = _get(payload, name)
     if value is None or value == "":
         if required:
-            raise CallbackError(400, "missing_field", f"{name} is required")
+            raise MalformedCallback("missing_field", f"{name} is required")
         return None
     if isinstance(value, bool) or not isinstance(value, str | int):
-        raise CallbackError(400, "invalid_field", f"{name} must be a string")
+        raise MalformedCallback("invalid_field", f"{name} must be a string")
     text = str(value)
     if len(text) > limit:
-        raise CallbackError(400, "invalid_field", f"{name} is longer than {limit} characters")
+        raise MalformedCallback("invalid_field", f"{name} is longer than {limit} characters")
     problem = identifier_problem(text)
     if problem is not None:
-        raise CallbackError(400, "invalid_field", f"{name} {problem}")
+        raise MalformedCallback("invalid_field", f"{name} {problem}")
     return text
 
 
@@ -246,7 +256,7 @@ def _integer(
     value = _get(payload, name)
     if value is None or value == "":
         if required:
-            raise CallbackError(400, "missing_field", f"{name} is required")
+            raise MalformedCallback("missing_field", f"{name} is required")
         return None
     number: int | None = None
     if isinstance(value, bool):
@@ -258,16 +268,16 @@ def _integer(
     elif isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
         number = int(value.strip())
     if number is None:
-        raise CallbackError(400, "invalid_field", f"{name} must be an integer")
+        raise MalformedCallback("invalid_field", f"{name} must be an integer")
     if not low <= number <= high:
-        raise CallbackError(400, "invalid_field", f"{name} must be between {low} and {high}")
+        raise MalformedCallback("invalid_field", f"{name} must be between {low} and {high}")
     return number
 
 
 def _required(value: T | None) -> T:
     """Narrow the type of a field read with required=True (which raises when absent)."""
     if value is None:
-        raise CallbackError(400, "missing_field", "a required field is missing")
+        raise MalformedCallback("missing_field", "a required field is missing")
     return value
 
 
@@ -275,9 +285,9 @@ def parse_callback(payload: dict[str, Any], path_event: str | None = None) -> Ca
     """Validate the fields of a decoded body; every problem is a 400 naming the field."""
     event = _text(payload, "Event", required=path_event is None, limit=32) or path_event
     if event not in (EVENT_START, EVENT_STOP):
-        raise CallbackError(400, "invalid_field", "Event must be transcode_start or transcode_stop")
+        raise MalformedCallback("invalid_field", "Event must be transcode_start or transcode_stop")
     if path_event is not None and event != path_event:
-        raise CallbackError(400, "invalid_field", f"Event {event} was posted to {path_event}")
+        raise MalformedCallback("invalid_field", f"Event {event} was posted to {path_event}")
 
     timestamp = _required(_integer(payload, "Timestamp", required=True))
     nonce = _required(_text(payload, "Nonce", required=True, limit=MAX_NONCE_LENGTH))
@@ -290,8 +300,8 @@ def parse_callback(payload: dict[str, Any], path_event: str | None = None) -> Ca
     stop_reason = None
     if event == EVENT_START:
         if status not in (STATUS_STARTED, STATUS_UPDATED):
-            raise CallbackError(
-                400, "invalid_field", "Status must be TranscodeStarted or TranscodeUpdated"
+            raise MalformedCallback(
+                "invalid_field", "Status must be TranscodeStarted or TranscodeUpdated"
             )
     else:
         stop_reason = _integer(payload, "StopReason", required=True, high=1)
@@ -320,15 +330,15 @@ def _details(payload: Mapping[str, Any]) -> tuple[dict[str, Any] | None, list[An
     if details is None:
         return None, None
     if not isinstance(details, dict):
-        raise CallbackError(400, "invalid_field", "Details must be an object")
+        raise MalformedCallback("invalid_field", "Details must be an object")
     input_ = details.get("Input")
     outputs = details.get("Outputs")
     if input_ is not None and not isinstance(input_, dict):
-        raise CallbackError(400, "invalid_field", "Details.Input must be an object")
+        raise MalformedCallback("invalid_field", "Details.Input must be an object")
     if outputs is not None and not (
         isinstance(outputs, list) and all(isinstance(o, dict) for o in outputs)
     ):
-        raise CallbackError(400, "invalid_field", "Details.Outputs must be a list of objects")
+        raise MalformedCallback("invalid_field", "Details.Outputs must be a list of objects")
     return input_, outputs
 
 
@@ -343,12 +353,12 @@ def verify_callback(
     """Signature (401), then Appid (403), then Timestamp freshness (401), as SPEC 3.1 orders."""
     audit = cb.audit_fields()
     if not callback_signature_matches(secrets_, cb.timestamp_text, cb.nonce, cb.signature):
-        raise CallbackError(
-            401, "invalid_signature", "the callback signature does not match", audit
+        raise UnverifiedCallback(
+            "invalid_signature", "the callback signature does not match", audit
         )
     if cb.app_id != app_id:
-        raise CallbackError(403, "wrong_appid", "the callback is for another Appid", audit)
+        raise ForeignCallback("wrong_appid", "the callback is for another Appid", audit)
     if abs(now - cb.timestamp) > max_age:
-        raise CallbackError(
-            401, "stale_timestamp", f"Timestamp is more than {max_age}s from now", audit
+        raise UnverifiedCallback(
+            "stale_timestamp", f"Timestamp is more than {max_age}s from now", audit
         )
