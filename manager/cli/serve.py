@@ -11,7 +11,7 @@ import click
 from flask.cli import with_appcontext
 
 from manager.cli.common import app_engine
-from manager.tasks.queries import is_number
+from manager.params import is_number
 
 MAX_WORKERS = 256
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
+import threading
 
 import click
 from flask import current_app
@@ -13,6 +16,7 @@ from manager.cli.errors import domain_errors
 from manager.services import get_dispatcher
 from manager.stops.dispatch import make_dispatcher, stop_task_now
 from manager.stops.requests import WAIT_REASON_TEXT
+from manager.stops.worker import StopWorker
 from manager.vocabulary import StopState
 
 
@@ -57,16 +61,10 @@ def stop_command(task_id: str, reason: str | None, force: bool) -> None:
 @with_appcontext
 def worker_command(once: bool, threads: int) -> None:
     """Send queued stop requests within the shared rate limit; re-stop stuck tasks."""
-    import logging
-    import signal
-    import threading
-
     # Every attempt, wait and give-up is logged: show them, with time and level.
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-
-    from manager.stops.worker import StopWorker
 
     ext = current_app.extensions
     with domain_errors():

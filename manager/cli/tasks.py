@@ -12,7 +12,8 @@ from flask.cli import with_appcontext
 from manager.cli.common import echo_table, new_session, storable
 from manager.cli.errors import domain_errors
 from manager.clock import utcnow
-from manager.tasks.queries import TaskFilter, find_task, list_tasks, run_json, task_json, task_runs
+from manager.tasks.queries import TaskFilter, find_task, list_tasks, task_runs
+from manager.tasks.shapes import run_json, task_json
 from manager.vocabulary import TaskStatus, values
 
 
@@ -63,7 +64,6 @@ RUN_COLUMNS = ("run", "owner", "started_at", "ended_at", "ended", "seconds")
 
 def _show_task(task_id: str, fmt: str) -> None:
     """One task as GET /api/tasks/<id> shows its state and runs."""
-    from manager.tasks.queries import task_json
 
     settings = current_app.extensions["manager.settings"]
     with new_session() as session, domain_errors():

@@ -14,7 +14,7 @@ from typing import Any, TypeAlias
 from manager.reports.daily import DayRow
 from manager.reports.owners import OwnerRow
 from manager.reports.stuck import StuckTask
-from manager.tasks.queries import iso
+from manager.tasks.shapes import iso
 
 REPORTS = ("summary", "owners", "daily", "stuck")
 

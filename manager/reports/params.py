@@ -10,10 +10,10 @@ from datetime import datetime
 
 from manager.clock import utcnow
 from manager.errors import Invalid
+from manager.params import is_number, parse_limit, parse_range
 from manager.reports.owners import MAX_OWNERS_LIMIT, OWNERS_LIMIT, OwnerKey
 from manager.reports.stuck import DEFAULT_SILENT_FOR
 from manager.reports.window import MAX_DAYS, Window, daily_window, day_count
-from manager.tasks.queries import is_number, parse_limit, parse_range
 
 
 def parse_window(since_raw: str | None, until_raw: str | None) -> Window:

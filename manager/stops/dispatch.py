@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from manager.clock import utcnow
 from manager.config import Settings
 from manager.db import begin_write, write_transaction
+from manager.errors import NotConfigured
 from manager.metrics import count_stop_wait
 from manager.models import StopRequest
 from manager.stops.attempts import record_attempts
@@ -219,7 +220,6 @@ def make_dispatcher(
 ) -> Dispatcher:
     """The engine should be in autocommit (PostgreSQL) where one is at hand: a unit's
     lease, renewal or return is then one statement, one round trip."""
-    from manager.errors import NotConfigured
 
     if settings.zego_app_id is None or not settings.zego_server_secret:
         raise NotConfigured("not_configured", "ZEGO_APP_ID and ZEGO_SERVER_SECRET must be set")

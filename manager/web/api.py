@@ -12,6 +12,7 @@ from manager.clock import utcnow
 from manager.db import begin_write
 from manager.errors import Invalid, NotFound
 from manager.models import StopBatch
+from manager.params import parse_limit, parse_range, parse_status
 from manager.services import get_dispatcher, get_session, get_settings
 from manager.stops.bulk import BulkSelection, create_batch
 from manager.stops.dispatch import stop_task_now
@@ -20,20 +21,14 @@ from manager.tasks.queries import (
     TaskFilter,
     batch_json,
     decode_cursor,
-    delivery_json,
     encode_cursor,
     find_task,
     list_tasks,
-    parse_limit,
-    parse_range,
-    parse_status,
-    run_json,
-    stop_request_json,
     task_deliveries,
-    task_json,
     task_runs,
     task_stop_requests,
 )
+from manager.tasks.shapes import delivery_json, run_json, stop_request_json, task_json
 from manager.vocabulary import StopState
 from manager.web.auth import require_token
 

@@ -41,14 +41,8 @@ from manager.services import get_dispatcher, get_session, get_settings
 from manager.stops.dispatch import stop_task_now
 from manager.stops.requests import WAIT_REASON_TEXT
 from manager.stored_text import text_problem
-from manager.tasks.queries import (
-    count_runs,
-    find_task,
-    run_end,
-    run_seconds,
-    task_deliveries,
-    task_runs,
-)
+from manager.tasks.queries import count_runs, find_task, task_deliveries, task_runs
+from manager.tasks.shapes import run_end, run_seconds
 from manager.vocabulary import StopState, TaskStatus, Verdict
 from manager.web.api import TaskIdConverter
 from manager.web.auth import sign_in

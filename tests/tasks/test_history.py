@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from manager.callbacks.rules import Ending
 from manager.clock import utcnow
 from manager.models import Task, TaskRun
-from manager.tasks.queries import run_end, run_seconds
+from manager.tasks.shapes import run_end, run_seconds
 from manager.zego.fake_server import FakeServer
 
 from ..conftest import APP_ID, callback
