@@ -21,6 +21,7 @@ from manager.services import dispose_engines
 from manager.web import api as web_api
 from manager.web import callbacks as web_callbacks
 from manager.web import dashboard as web_dashboard
+from manager.web import edges
 from manager.web import ops as web_ops
 from manager.web import reports as web_reports
 from manager.web.cookie_sessions import CookieSessionInterface
@@ -44,6 +45,7 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     services.init_app(app, settings)
     register_error_handlers(app)
+    edges.init_app(app)
 
     # Callback POSTs skip Flask's request handling (see manager/web/callbacks.py).
     endpoint = web_callbacks.CallbackEndpoint(app)

@@ -47,6 +47,7 @@ from manager.vocabulary import StopState, TaskStatus, Verdict
 from manager.web.api import TaskIdConverter
 from manager.web.auth import sign_in
 from manager.web.charts import daily_chart
+from manager.web.edges import CONTENT_SECURITY_POLICY
 
 CHART_DAYS = 14
 DELIVERY_ROWS = 50
@@ -177,12 +178,7 @@ def _sign_out() -> None:
 
 @bp.after_request
 def _headers(response: Response) -> Response:
-    # No scripts at all; no framing (the stop buttons must not be clickjacked).
-    response.headers.setdefault(
-        "Content-Security-Policy",
-        "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
-        "frame-ancestors 'none'; base-uri 'none'",
-    )
+    response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
     response.headers.setdefault("X-Frame-Options", "DENY")
     response.headers.setdefault("Referrer-Policy", "same-origin")
     response.headers.setdefault("Cache-Control", "no-store")
