@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar, cast
@@ -9,7 +10,7 @@ from weakref import WeakKeyDictionary
 
 import psycopg
 from sqlalchemy import Connection, Engine, MetaData, create_engine, event
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 # Named constraints so that migrations can refer to them on every backend.
@@ -39,14 +40,42 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30}, **kwargs)
         _configure_sqlite(engine)
         return engine
-    # No pool_pre_ping: it costs a round trip per checkout. A connection that has gone
-    # fails its first statement; SQLAlchemy then invalidates the pool, the request
-    # answers 503, and the sender (ZEGO retries callbacks) tries again on a new one.
+    # No pool_pre_ping: it costs a round trip per checkout. Only a connection that has
+    # been idle a while is pinged (_ping_idle): after a database restart every pooled
+    # connection is dead, and the first request on each would otherwise answer 503.
     kwargs.setdefault("pool_size", 5)
     kwargs.setdefault("max_overflow", 10)
     engine = create_engine(url, **kwargs)
     event.listen(engine, "after_cursor_execute", _sync_pipeline)
+    event.listen(engine, "checkin", _note_idle)
+    event.listen(engine, "checkout", _ping_idle)
     return engine
+
+
+# A pooled connection idle this long is pinged (SELECT 1, one round trip) when it is
+# checked out. A busy pool hands out connections used moments ago, so under load this
+# costs nothing; a restart takes longer than this, so every connection it killed has
+# been idle at least this long when it is next taken.
+PING_AFTER_IDLE = 1.0  # seconds
+
+
+def _note_idle(_dbapi_conn: Any, record: Any) -> None:
+    record.info["idle_since"] = time.monotonic()
+
+
+def _ping_idle(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+    """Raising DisconnectionError makes the pool drop this connection and take another
+    (a new one, if the pool's others are dead too)."""
+    idle_since = record.info.get("idle_since")
+    if idle_since is None or time.monotonic() - idle_since < PING_AFTER_IDLE:
+        return
+    try:
+        with dbapi_conn.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        if not dbapi_conn.autocommit:
+            dbapi_conn.rollback()
+    except Exception as exc:  # the driver's own error: the connection is gone
+        raise DisconnectionError(f"pooled connection gone: {type(exc).__name__}") from exc
 
 
 def _sync_pipeline(_conn: Connection, cursor: Any, *_args: Any) -> None:
