@@ -35,7 +35,7 @@ from manager.db import write_connection, write_then_read
 from manager.metrics import CALLBACK_LATENCY, count_delivery, count_fold
 from manager.models import Delivery
 from manager.vocabulary import Verdict
-from manager.web.errors import error_body, http_error_parts
+from manager.web.errors import error_body, http_error_parts, status_for
 from manager.zego.callbacks import (
     EVENT_START,
     EVENT_STOP,
@@ -68,13 +68,6 @@ STATUS_OF: dict[type[CallbackError], int] = {
     BodyTooLarge: 413,
     CallbacksNotConfigured: 503,
 }
-
-
-def status_of(exc: CallbackError) -> int:
-    for kind in type(exc).__mro__:
-        if kind in STATUS_OF:
-            return STATUS_OF[kind]
-    return 400
 
 
 bp = Blueprint("callbacks", __name__)
@@ -215,7 +208,7 @@ class CallbackEndpoint:
             log.warning("rejected callback not recorded: %s", type(db_exc).__name__)
             return 503, error_body("database_unavailable", "the callback could not be stored")
         count_delivery(Verdict.REJECTED, exc.code)
-        return status_of(exc), error_body(exc.code, exc.message)
+        return status_for(exc, STATUS_OF), error_body(exc.code, exc.message)
 
 
 # The 200 answers, serialised once, as jsonify would: {"code": 0, "verdict": ...}.

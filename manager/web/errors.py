@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 from flask import Flask, Response
 from sqlalchemy.exc import SQLAlchemyError
@@ -31,11 +33,12 @@ class HttpError(Exception):
         self.message = message
 
 
-def status_of(exc: DomainError) -> int:
+def status_for(exc: Exception, statuses: Mapping[type[Any], int], default: int = 400) -> int:
+    """The status an error's kind is answered with: its own class's, or its nearest base's."""
     for kind in type(exc).__mro__:
-        if kind in STATUS_OF:
-            return STATUS_OF[kind]
-    return 400
+        if kind in statuses:
+            return statuses[kind]
+    return default
 
 
 def error_body(code: str, message: str) -> bytes:
@@ -58,7 +61,7 @@ def http_error_parts(exc: HTTPException) -> tuple[int, str, str]:
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(DomainError)
     def _domain_error(exc: DomainError) -> tuple[Response, int]:
-        return error_response(status_of(exc), exc.code, exc.message)
+        return error_response(status_for(exc, STATUS_OF), exc.code, exc.message)
 
     @app.errorhandler(HttpError)
     def _http_only_error(exc: HttpError) -> tuple[Response, int]:
