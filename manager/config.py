@@ -22,6 +22,8 @@ from manager.zego.client import DEFAULT_TIMEOUT
 MAX_BODY_BYTES = 64 * 1024
 DEFAULT_API_URL = "https://rtc-api.zego.im/"
 UINT32_MAX = 2**32 - 1
+DEFAULT_RETENTION_DAYS = 90
+LOG_FORMATS = ("json", "text")
 
 # Variables this service reads; any other key in the instance `.env` file is a typo.
 KNOWN_VARIABLES = frozenset(
@@ -37,6 +39,8 @@ KNOWN_VARIABLES = frozenset(
         "SECRET_KEY",
         "WEB_CONCURRENCY",
         "PROMETHEUS_MULTIPROC_DIR",
+        "DELIVERY_RETENTION_DAYS",
+        "LOG_FORMAT",
     }
 )
 
@@ -71,6 +75,10 @@ class Settings:
     zego_rate_limit: int = 100
     callback_max_age: int = 300
     stop_max_attempts: int = 8
+    delivery_retention_days: int = DEFAULT_RETENTION_DAYS
+    # "json" or "text"; None: the command decides (json under serve and worker, else text
+    # on a terminal).
+    log_format: str | None = None
     # (connect, read) seconds for ZEGOCLOUD API calls; not an environment variable.
     zego_timeout: tuple[float, float] = DEFAULT_TIMEOUT
 
@@ -96,6 +104,10 @@ class Settings:
             zego_rate_limit=_int(merged, "ZEGO_RATE_LIMIT", 100, 1, 100_000),
             callback_max_age=_int(merged, "CALLBACK_MAX_AGE", 300, 1, MAX_CALLBACK_MAX_AGE),
             stop_max_attempts=_int(merged, "STOP_MAX_ATTEMPTS", 8, 1, 1000),
+            delivery_retention_days=_int(
+                merged, "DELIVERY_RETENTION_DAYS", DEFAULT_RETENTION_DAYS, 1, 36_500
+            ),
+            log_format=_choice(merged, "LOG_FORMAT", LOG_FORMATS),
             # Last (arguments are evaluated in order), once every other value has been
             # checked: an invalid configuration should not leave a new key file behind.
             secret_key=merged.get("SECRET_KEY") or _instance_secret_key(instance),
@@ -163,6 +175,15 @@ def _optional_int(env: Mapping[str, str], name: str, low: int, high: int) -> int
     if not low <= value <= high:
         raise ConfigError(f"{name} must be between {low} and {high}")
     return value
+
+
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str | None:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return None
+    if raw not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, not {raw!r}")
+    return raw
 
 
 def _url(env: Mapping[str, str], name: str, default: str) -> str:

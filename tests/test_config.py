@@ -19,6 +19,8 @@ def test_defaults(tmp_path: Path) -> None:
     assert (s.zego_rate_limit, s.callback_max_age, s.stop_max_attempts) == (100, 300, 8)
     assert s.zego_api_url == "https://rtc-api.zego.im/"
     assert s.zego_app_id is None
+    assert s.delivery_retention_days == 90
+    assert s.log_format is None
 
 
 def test_secret_key_is_generated_once(tmp_path: Path) -> None:
@@ -36,9 +38,12 @@ def test_values_are_read(tmp_path: Path) -> None:
             "ZEGO_API_URL": "http://127.0.0.1:8900",
             "ZEGO_RATE_LIMIT": "50",
             "DATABASE_URL": "postgresql+psycopg://u@h/db",
+            "DELIVERY_RETENTION_DAYS": "30",
+            "LOG_FORMAT": "Text",
         },
         instance_path=tmp_path,
     )
+    assert (s.delivery_retention_days, s.log_format) == (30, "text")
     assert s.zego_app_id == 4_000_000_000
     assert s.callback_secrets == ("new", "old")
     assert s.zego_api_url == "http://127.0.0.1:8900/"
@@ -60,6 +65,8 @@ def test_values_are_read(tmp_path: Path) -> None:
         ("ZEGO_RATE_LIMIT", "ten"),
         ("CALLBACK_MAX_AGE", "-5"),
         ("STOP_MAX_ATTEMPTS", "1.5"),
+        ("DELIVERY_RETENTION_DAYS", "0"),
+        ("LOG_FORMAT", "xml"),
         ("ZEGO_API_URL", "ftp://x"),
         ("ZEGO_API_URL", "not a url"),
         ("ZEGO_API_URL", "https://exa mple.com"),
