@@ -51,6 +51,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     endpoint = web_callbacks.CallbackEndpoint(app)
     app.extensions[web_callbacks.ENDPOINT] = endpoint
     app.wsgi_app = web_callbacks.CallbackRoute(app.wsgi_app, endpoint)  # type: ignore[method-assign]
+    # Outermost: the request id and the headers every answer carries.
+    app.wsgi_app = edges.AnswerHeaders(app.wsgi_app)  # type: ignore[method-assign]
 
     for blueprint in (web_ops, web_callbacks, web_api, web_reports, web_dashboard):
         app.register_blueprint(blueprint.bp)

@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
+    REGISTRY,
     CollectorRegistry,
     Counter,
     Histogram,
     generate_latest,
     multiprocess,
+    start_http_server,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-
-from manager.models import WAIT_REASONS
 
 DELIVERIES = Counter(
     "manager_callback_deliveries_total",
@@ -59,6 +60,78 @@ def count_stop_wait(reason: str, count: int) -> None:
     STOP_WAITS.labels(reason).inc(count)
 
 
+ZEGO_CALLS = Counter(
+    "manager_zego_calls_total",
+    "Calls to the ZEGOCLOUD API by action and answer: its Code, http_<status> for an answer"
+    " without one, or no_answer when none came",
+    ["action", "code"],
+)
+ZEGO_CALL_SECONDS = Histogram(
+    "manager_zego_call_seconds",
+    "Time from sending a ZEGOCLOUD API call to its answer (or to giving up on one)",
+    ["action"],
+    buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15),
+)
+# ZEGOCLOUD's Codes are a short documented list; a far end answering anything at all
+# must not grow the series without bound.
+MAX_CODE_LABELS = 64
+_code_labels: set[str] = set()
+
+
+def count_zego_call(action: str, code: int | None, http_status: int | None, seconds: float) -> None:
+    if code is not None:
+        label = str(code)
+    elif http_status is not None:
+        label = f"http_{http_status}"
+    else:
+        label = "no_answer"
+    if label not in _code_labels:
+        if len(_code_labels) >= MAX_CODE_LABELS:
+            label = "other"
+        _code_labels.add(label)
+    ZEGO_CALLS.labels(action, label).inc()
+    ZEGO_CALL_SECONDS.labels(action).observe(seconds)
+
+
+STOP_ATTEMPTS = Counter(
+    "manager_stop_attempts_total",
+    "Stop attempts recorded, by ZEGOCLOUD's answer: success, retryable, permanent, or no_answer",
+    ["outcome"],
+)
+STOPS_FINISHED = Counter(
+    "manager_stop_requests_finished_total",
+    "Stop requests that reached their final state through an attempt: succeeded or failed"
+    " (given up)",
+    ["state"],
+)
+RESTOPS = Counter(
+    "manager_restops_total",
+    "Stops queued again for tasks still stopping with no stop callback past the grace",
+)
+DATABASE_ERRORS = Counter(
+    "manager_database_errors_total",
+    "Requests answered 503 because the database could not be reached or would not commit,"
+    " by the part of the app that answered: callbacks, api, reports, dashboard, ops",
+    ["blueprint"],
+)
+
+
+def count_stop_attempt(outcome: str, state: str) -> None:
+    """One recorded attempt: its answer's outcome, and the state it left its request in
+    (`queued` when it will be tried again)."""
+    STOP_ATTEMPTS.labels(outcome).inc()
+    if state != "queued":
+        STOPS_FINISHED.labels(state).inc()
+
+
+def count_restop() -> None:
+    RESTOPS.inc()
+
+
+def count_database_error(route: str) -> None:
+    DATABASE_ERRORS.labels(route).inc()
+
+
 # The labelled children, looked up once each: labels() takes a lock and builds a key.
 _DELIVERY_COUNTERS: dict[tuple[str, str], Any] = {}
 
@@ -71,36 +144,50 @@ def count_delivery(verdict: str, reason: str | None) -> None:
     child.inc()
 
 
-class StopQueue(Collector):
-    """Queued stop requests by why they wait, read from the database at scrape time: the
-    same figure from every app process, wherever the workers run."""
+@dataclass(frozen=True)
+class DatabaseGauge:
+    """A gauge read from the database at scrape time: the same figure from every process,
+    wherever the work happens. `values` maps label values (in `labels` order) to a value."""
 
-    def __init__(self, waiting: Mapping[str | None, int]) -> None:
-        self._waiting = waiting
+    name: str
+    help: str
+    values: Mapping[tuple[str, ...], float]
+    labels: tuple[str, ...] = ()
+
+
+class DatabaseGauges(Collector):
+    def __init__(self, gauges: Sequence[DatabaseGauge]) -> None:
+        self._gauges = gauges
 
     def collect(self) -> Iterator[Metric]:
-        family = GaugeMetricFamily(
-            "manager_stop_requests_queued",
-            "Queued stop requests, by wait_reason (none: waiting their turn or their retry)",
-            labels=["wait_reason"],
-        )
-        for reason in (None, *WAIT_REASONS):
-            family.add_metric([reason or "none"], self._waiting.get(reason, 0))
-        yield family
+        for gauge in self._gauges:
+            family = GaugeMetricFamily(gauge.name, gauge.help, labels=list(gauge.labels))
+            for label_values, value in gauge.values.items():
+                family.add_metric(list(label_values), value)
+            yield family
 
 
-def render(stop_queue: Mapping[str | None, int] | None = None) -> tuple[bytes, str]:
-    """The exposition text; aggregated over all workers when PROMETHEUS_MULTIPROC_DIR is set.
+def serve_metrics(port: int, host: str) -> None:
+    """Serve this process's metrics (aggregated over PROMETHEUS_MULTIPROC_DIR when set)
+    over HTTP from a daemon thread: a worker's own /metrics."""
+    registry = REGISTRY
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    start_http_server(port, host, registry)
 
-    `stop_queue` (queued stop requests by wait reason) is added when given."""
+
+def render(gauges: Sequence[DatabaseGauge] = ()) -> tuple[bytes, str]:
+    """The exposition text, aggregated over all workers when PROMETHEUS_MULTIPROC_DIR is
+    set, followed by the `gauges` read from the database."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         body = generate_latest(registry)
     else:
         body = generate_latest()
-    if stop_queue is not None:
-        queue = CollectorRegistry()
-        queue.register(StopQueue(stop_queue))
-        body += generate_latest(queue)
+    if gauges:
+        database = CollectorRegistry()
+        database.register(DatabaseGauges(gauges))
+        body += generate_latest(database)
     return body, CONTENT_TYPE_LATEST

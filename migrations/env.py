@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from alembic import context
+from sqlalchemy import text
 
 from manager import models  # noqa: F401  (registers the tables on Base.metadata)
 from manager.db import Base
@@ -19,6 +20,11 @@ def _run(connection) -> None:  # type: ignore[no-untyped-def]
         compare_type=True,
     )
     with context.begin_transaction():
+        if connection.dialect.name == "postgresql":
+            # Several hosts may run `manager serve` (which upgrades) at once: one upgrades,
+            # the others wait here, then find the schema at head. The lock goes with the
+            # transaction.
+            connection.execute(text("SELECT pg_advisory_xact_lock(hashtext('manager.migrate'))"))
         context.run_migrations()
 
 

@@ -11,7 +11,9 @@ import click
 from flask.cli import with_appcontext
 
 from manager.cli.common import app_engine
+from manager.logs import resolve_format
 from manager.params import is_number
+from manager.services import get_settings
 
 MAX_WORKERS = 256
 
@@ -45,6 +47,7 @@ def serve_command(host: str, port: int, workers: int | None) -> None:
         workers = _default_workers(os.environ.get("WEB_CONCURRENCY", "").strip())
     upgrade(app_engine())
     env = dict(os.environ)
+    env["LOG_FORMAT"] = resolve_format(get_settings().log_format, service=True)
     # Must be set before prometheus_client is imported, hence a fresh gunicorn process.
     env.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="manager-metrics-"))
     click.echo(f"serving on http://{host}:{port} with {workers} workers", err=True)

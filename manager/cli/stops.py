@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import threading
@@ -13,6 +12,9 @@ from flask.cli import with_appcontext
 
 from manager.cli.common import new_session, stop_reason, storable
 from manager.cli.errors import domain_errors
+from manager.logs import configure as configure_logs
+from manager.logs import resolve_format
+from manager.metrics import serve_metrics
 from manager.services import get_dispatcher
 from manager.stops.dispatch import make_dispatcher, stop_task_now
 from manager.stops.requests import WAIT_REASON_TEXT
@@ -58,15 +60,23 @@ def stop_command(task_id: str, reason: str | None, force: bool) -> None:
     type=click.IntRange(1, 512),
     help="calls to ZEGOCLOUD that may be in flight at once (sender threads and connections)",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    help="serve this worker's own metrics (its ZEGOCLOUD calls and stop attempts) on this"
+    " port, for a worker that shares no PROMETHEUS_MULTIPROC_DIR with the app",
+)
+@click.option(
+    "--metrics-host", default="127.0.0.1", show_default=True, help="address for --metrics-port"
+)
 @with_appcontext
-def worker_command(once: bool, threads: int) -> None:
+def worker_command(once: bool, threads: int, metrics_port: int | None, metrics_host: str) -> None:
     """Send queued stop requests within the shared rate limit; re-stop stuck tasks."""
-    # Every attempt, wait and give-up is logged: show them, with time and level.
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-
     ext = current_app.extensions
+    # Every attempt, re-stop and give-up is logged, as JSON lines unless on a terminal.
+    configure_logs(resolve_format(ext["manager.settings"].log_format, service=True))
+    if metrics_port is not None:
+        serve_metrics(metrics_port, metrics_host)
     with domain_errors():
         dispatcher = make_dispatcher(
             ext["manager.settings"],

@@ -25,6 +25,9 @@ from manager.vocabulary import TaskStatus
 STOPPING_GRACE = RESTOP_AFTER
 # A running task is stuck after a day without a delivery, unless asked otherwise.
 DEFAULT_SILENT_FOR = 86400
+# Why a task is stuck.
+NO_STOP_CALLBACK = "no_stop_callback"  # stopping, and no stop callback came
+NO_DELIVERY = "no_delivery"  # running, and silent
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,36 @@ def stuck(
     now = now or utcnow()
     stopping_since = Task.updated_at
     running_since = func.coalesce(Task.last_delivery_at, Task.updated_at)
+    is_stopping, is_silent = _stuck_conditions(now, silent_for)
+    since = case((Task.status == TaskStatus.STOPPING, stopping_since), else_=running_since)
+    query = select(Task.task_id, Task.owner, Task.status, since.label("since")).where(
+        or_(is_stopping, is_silent)
+    )
+    if owner is not None:
+        query = query.where(Task.owner == owner)
+    query = query.order_by(since.asc(), Task.task_id.asc())
+    for task_id, task_owner, status, since_at in stream(session, query):
+        reason = NO_STOP_CALLBACK if status == TaskStatus.STOPPING else NO_DELIVERY
+        yield StuckTask(task_id, task_owner, status, _naive(since_at), reason)
+
+
+def stuck_counts(
+    session: Session, now: datetime | None = None, silent_for: int = DEFAULT_SILENT_FOR
+) -> dict[str, int]:
+    """How many tasks are stuck, by reason (no_stop_callback, no_delivery): the report's
+    rule, counted in one query."""
+    is_stopping, is_silent = _stuck_conditions(now or utcnow(), silent_for)
+    stopping, silent = session.execute(
+        select(
+            func.count().filter(is_stopping),
+            func.count().filter(is_silent),
+        ).where(or_(is_stopping, is_silent))
+    ).one()
+    return {NO_STOP_CALLBACK: stopping, NO_DELIVERY: silent}
+
+
+def _stuck_conditions(now: datetime, silent_for: int) -> tuple[Any, Any]:
+    """(stuck stopping, stuck running): the two conditions of the report."""
     silent_cutoff = ts(now - timedelta(seconds=silent_for))
     is_stopping = and_(
         Task.status == TaskStatus.STOPPING, Task.updated_at < ts(now - STOPPING_GRACE)
@@ -63,16 +96,7 @@ def stuck(
             and_(Task.last_delivery_at.is_(None), Task.updated_at < silent_cutoff),
         ),
     )
-    since = case((Task.status == TaskStatus.STOPPING, stopping_since), else_=running_since)
-    query = select(Task.task_id, Task.owner, Task.status, since.label("since")).where(
-        or_(is_stopping, is_silent)
-    )
-    if owner is not None:
-        query = query.where(Task.owner == owner)
-    query = query.order_by(since.asc(), Task.task_id.asc())
-    for task_id, task_owner, status, since_at in stream(session, query):
-        reason = "no_stop_callback" if status == TaskStatus.STOPPING else "no_delivery"
-        yield StuckTask(task_id, task_owner, status, _naive(since_at), reason)
+    return is_stopping, is_silent
 
 
 def _naive(value: Any) -> datetime:

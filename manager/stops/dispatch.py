@@ -23,7 +23,7 @@ from manager.clock import utcnow
 from manager.config import Settings
 from manager.db import begin_write, write_transaction
 from manager.errors import NotConfigured
-from manager.metrics import count_stop_wait
+from manager.metrics import count_stop_attempt, count_stop_wait, count_zego_call
 from manager.models import StopRequest
 from manager.stops.attempts import record_attempts
 from manager.stops.claims import release
@@ -31,13 +31,14 @@ from manager.stops.policy import RetryPolicy
 from manager.stops.ratelimit import Grant, RateShare
 from manager.stops.requests import Job, prepare_attempt, request_stop
 from manager.tasks.queries import find_task
-from manager.vocabulary import WaitReason
+from manager.vocabulary import StopState, WaitReason
 from manager.zego.client import DEFAULT_POOL_SIZE, ClientConfig, ZegoClient, ZegoReply
 from manager.zego.guard import DeadlinePassed, SendGuard
 
 log = logging.getLogger(__name__)
 
 RATE_LIMITER_NAME = "zego_api"
+STOP_ACTION = "StopCloudTranscode"
 # A call's answer is stored again after 0.2 s, then 0.4 s, before the endpoint gives up.
 RECORD_RETRIES = 3
 RECORD_RETRY_DELAY = 0.2
@@ -82,7 +83,15 @@ def send_on_unit(
         raise
     if guard.written_at is None:  # the request failed part-way: it may have gone
         limiter.finish(grant, time.monotonic())
+    count_zego_call(STOP_ACTION, reply.code, reply.http_status, reply.elapsed_ms / 1000)
+    if unanswered(reply):
+        count_stop_wait(WaitReason.ZEGO_UNREACHABLE, 1)
     return reply
+
+
+def unanswered(reply: ZegoReply) -> bool:
+    """No answer came at all: ZEGOCLOUD could not be reached, or did not answer in time."""
+    return reply.http_status is None and reply.code is None
 
 
 class Throttled:
@@ -121,7 +130,6 @@ class Dispatcher:
         if reply is None:
             self.wait_for_share([job], max_wait)
             return None
-        log_call(job, reply)
         return self._record_answer(job, reply)
 
     def take_unit(self, until: float) -> Grant | None:
@@ -182,32 +190,54 @@ class Dispatcher:
             raise
 
     def record(self, results: list[tuple[Job, ZegoReply]]) -> list[str]:
-        """Store the answers, all in one transaction; each request's new state."""
+        """Store the answers, all in one transaction; each request's new state. Each
+        attempt is logged and counted once stored."""
         with write_transaction(self.sessions) as session:
-            return record_attempts(
+            states = record_attempts(
                 session, results, worker=self.name, policy=self.policy, now=utcnow(), rng=self.rng
             )
+        for (job, reply), state in zip(results, states, strict=True):
+            log_attempt(job, reply, state)
+            count_stop_attempt("no_answer" if unanswered(reply) else reply.outcome, state)
+        return states
 
 
-def log_call(job: Job, reply: ZegoReply) -> None:
-    if reply.http_status is None and reply.code is None:
-        count_stop_wait(WaitReason.ZEGO_UNREACHABLE, 1)
+def log_attempt(job: Job, reply: ZegoReply, state: str) -> None:
+    """One line per recorded attempt: what ZEGOCLOUD answered and what follows."""
+    fields = {
+        "task_id": job.task_id,
+        "stop_request_id": job.stop_request_id,
+        "attempt": job.attempts_before + 1,
+        "outcome": "no_answer" if unanswered(reply) else str(reply.outcome),
+        "state": state,
+        "zego_code": reply.code,
+        "zego_request_id": reply.request_id,
+        "elapsed_ms": reply.elapsed_ms,
+    }
+    if state == StopState.FAILED:
         log.warning(
-            "ZEGOCLOUD not reached: StopCloudTranscode task=%s seq=%s (%s); the stop is retried",
-            job.task_id,
-            job.sequence,
+            "stop request %d gave up after attempt %d: %s",
+            job.stop_request_id,
+            job.attempts_before + 1,
             reply.message,
+            extra=fields,
         )
-        return
-    log.info(
-        "StopCloudTranscode task=%s seq=%s outcome=%s code=%s request_id=%s elapsed_ms=%d",
-        job.task_id,
-        job.sequence,
-        reply.outcome,
-        reply.code,
-        reply.request_id,
-        reply.elapsed_ms,
-    )
+    elif state == StopState.SUCCEEDED:
+        log.info("stop accepted by ZEGOCLOUD for task %s", job.task_id, extra=fields)
+    elif unanswered(reply):
+        log.warning(
+            "ZEGOCLOUD not reached for task %s (%s); the stop is retried",
+            job.task_id,
+            reply.message,
+            extra=fields,
+        )
+    else:
+        log.info(
+            "stop not accepted yet for task %s (%s); the stop is retried",
+            job.task_id,
+            reply.message,
+            extra=fields,
+        )
 
 
 def make_dispatcher(

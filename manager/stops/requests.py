@@ -105,14 +105,30 @@ def request_stop(
     return stop, True
 
 
-def queued_by_wait_reason(session: Session) -> dict[str | None, int]:
-    """How many stop requests are queued, by wait_reason (None: no reason to give)."""
+@dataclass(frozen=True)
+class QueueState:
+    """The stop queue at a glance: what waits, by wait_reason (None: its turn or its
+    retry), how many of those a process holds to send now, and the oldest's age."""
+
+    waiting: dict[str | None, int]
+    in_flight: int
+    oldest_age: float
+
+
+def queue_state(session: Session, now: datetime) -> QueueState:
+    """Read in one query: the figures /metrics shows, the same from every process."""
+    in_flight = func.count().filter(StopRequest.claimed_until > now)
     rows = session.execute(
-        select(StopRequest.wait_reason, func.count())
+        select(StopRequest.wait_reason, func.count(), in_flight, func.min(StopRequest.created_at))
         .where(StopRequest.state == StopState.QUEUED)
         .group_by(StopRequest.wait_reason)
+    ).all()
+    oldest = min((row[3] for row in rows), default=None)
+    return QueueState(
+        waiting={reason: count for reason, count, _, _ in rows},
+        in_flight=sum(row[2] for row in rows),
+        oldest_age=0.0 if oldest is None else max(0.0, (now - oldest).total_seconds()),
     )
-    return {reason: count for reason, count in rows}
 
 
 def latest_stop_request(session: Session, task_pk: int) -> StopRequest | None:

@@ -31,8 +31,9 @@ from manager.callbacks.nonces import prune_nonces
 from manager.clock import utcnow
 from manager.config import MAX_CALLBACK_MAX_AGE
 from manager.db import write_transaction
+from manager.metrics import count_restop
 from manager.stops.claims import claim_due, release
-from manager.stops.dispatch import Dispatcher, log_call, send_on_unit
+from manager.stops.dispatch import Dispatcher, send_on_unit
 from manager.stops.ratelimit import Grant, unit_calls
 from manager.stops.requests import Job
 from manager.stops.restops import queue_restop, stuck_stopping
@@ -140,7 +141,12 @@ class StopWorker:
             reply = send_on_unit(self.dispatcher.client, self.share, job, grant)
             self._results.put(Sent(job, reply, reply is not None))
         except Exception:  # a bug worth seeing; the claim's lease returns the request later
-            log.exception("stop attempt failed: task=%s seq=%s", job.task_id, job.sequence)
+            log.exception(
+                "stop attempt failed: task=%s seq=%s",
+                job.task_id,
+                job.sequence,
+                extra={"task_id": job.task_id, "stop_request_id": job.stop_request_id},
+            )
             self._results.put(Sent(job, None, True))
 
     # -- the main thread: the database ------------------------------------------------------
@@ -150,7 +156,12 @@ class StopWorker:
         with write_transaction(self.dispatcher.sessions) as session:
             for task in stuck_stopping(session, utcnow()):
                 if queue_restop(session, task, utcnow()):
-                    log.warning("task %s still stopping: queued another stop", task.task_id)
+                    count_restop()
+                    log.warning(
+                        "task %s still stopping with no stop callback: queued another stop",
+                        task.task_id,
+                        extra={"task_id": task.task_id, "owner": task.owner},
+                    )
         if self.tidy_nonces:
             with write_transaction(self.dispatcher.sessions) as session:
                 pruned = prune_nonces(session, utcnow(), MAX_CALLBACK_MAX_AGE)
@@ -221,7 +232,6 @@ class StopWorker:
                     self._pending.appendleft(Waiting(sent.job, time.monotonic() + self.patience))
                     self._changed.notify_all()
             if sent.reply is not None:
-                log_call(sent.job, sent.reply)
                 self._answers.append((sent.job, sent.reply))
                 self._oldest_answer = min(self._oldest_answer, time.monotonic())
         return len(taken)

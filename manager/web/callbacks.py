@@ -32,7 +32,7 @@ from manager.callbacks.store import apply_callback
 from manager.clock import utcnow
 from manager.config import MAX_BODY_BYTES, Settings
 from manager.db import write_connection, write_then_read
-from manager.metrics import CALLBACK_LATENCY, count_delivery, count_fold
+from manager.metrics import CALLBACK_LATENCY, count_database_error, count_delivery, count_fold
 from manager.models import Delivery
 from manager.vocabulary import Verdict
 from manager.web.errors import error_body, http_error_parts, status_for
@@ -176,6 +176,7 @@ class CallbackEndpoint:
         except CallbackError as exc:
             return self._reject(exc, raw, size, received_at, remote_addr)
         except SQLAlchemyError as exc:
+            count_database_error("callbacks")
             log.warning("callback not committed: %s", type(exc).__name__)
             return 503, error_body("database_unavailable", "the callback could not be stored")
         count_delivery(outcome.verdict, outcome.reason)
@@ -205,6 +206,7 @@ class CallbackEndpoint:
             with write_connection(self.extensions["manager.engine"]) as conn:
                 conn.execute(_INSERT_REJECTED, values)
         except SQLAlchemyError as db_exc:
+            count_database_error("callbacks")
             log.warning("rejected callback not recorded: %s", type(db_exc).__name__)
             return 503, error_body("database_unavailable", "the callback could not be stored")
         count_delivery(Verdict.REJECTED, exc.code)

@@ -1,19 +1,26 @@
 """What every answer of the app holds to, whatever the route: a body cap that holds
-however the body comes, declared or chunked, and headers every answer carries.
+however the body comes, declared or chunked, a request id, and headers every answer
+carries.
 
 (The callback route answers before Flask and keeps the same cap itself:
-manager/web/callbacks.py.)
+manager/web/callbacks.py. `AnswerHeaders` wraps both, so its headers are on every
+answer.)
 """
 
 from __future__ import annotations
 
 import io
+import re
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from flask import Flask, Response, request
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.wsgi import get_content_length
 
 from manager.config import MAX_BODY_BYTES
+from manager.logs import bind_request_id
 
 # MAX_BULK_TASKS ids of up to 256 characters, quoted and separated, with room to spare.
 BULK_BODY_BYTES = 3 * 1024 * 1024
@@ -49,14 +56,50 @@ def cap_body() -> None:
     environ.pop("HTTP_TRANSFER_ENCODING", None)  # now a body of known length
 
 
-def secure_headers(response: Response) -> Response:
-    """Every answer: no content sniffing; every HTML answer: the content policy."""
-    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+def content_policy(response: Response) -> Response:
+    """Every HTML answer: the content policy."""
     if response.mimetype == "text/html":
         response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
     return response
 
 
+# A caller's request id is taken as it is when it looks like one (a UUID, a trace id,
+# a load balancer's id): short, printable, nothing a log reader could mistake.
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
+StartResponse = Callable[..., Any]
+WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+
+
+def request_id_of(environ: dict[str, Any]) -> str:
+    """The request's `X-Request-Id` when it is a plausible id; else a new one."""
+    given = environ.get("HTTP_X_REQUEST_ID", "")
+    if REQUEST_ID.fullmatch(given):
+        return str(given)
+    return uuid.uuid4().hex
+
+
+class AnswerHeaders:
+    """WSGI middleware around the whole app, the callback route included: each request
+    gets an id, bound to every log line written while it is handled and echoed as
+    `X-Request-Id`; every answer says `X-Content-Type-Options: nosniff`."""
+
+    def __init__(self, wsgi_app: WsgiApp) -> None:
+        self.wsgi_app = wsgi_app
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        request_id = request_id_of(environ)
+
+        def start_with_headers(status: str, headers: list[tuple[str, str]], *rest: Any) -> Any:
+            headers.append(("X-Request-Id", request_id))
+            if not any(name.lower() == "x-content-type-options" for name, _ in headers):
+                headers.append(("X-Content-Type-Options", "nosniff"))
+            return start_response(status, headers, *rest)
+
+        with bind_request_id(request_id):
+            return self.wsgi_app(environ, start_with_headers)
+
+
 def init_app(app: Flask) -> None:
+    """The Flask hooks; `AnswerHeaders` is put around the finished app by create_app."""
     app.before_request(cap_body)
-    app.after_request(secure_headers)
+    app.after_request(content_policy)

@@ -7,11 +7,12 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from flask import Flask, Response
+from flask import Flask, Response, request
 from sqlalchemy.exc import SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 
 from manager.errors import Conflict, DomainError, Invalid, NotConfigured, NotFound
+from manager.metrics import count_database_error
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(SQLAlchemyError)
     def _database_error(exc: SQLAlchemyError) -> tuple[Response, int]:
+        count_database_error(request.blueprint or "app")
         log.warning("database unavailable: %s", type(exc).__name__)
         return error_response(503, "database_unavailable", "the database cannot be reached")
 

@@ -8,8 +8,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from manager.metrics import render
 from manager.migrate import is_at_head
 from manager.services import get_session
-from manager.stops.requests import queued_by_wait_reason
 from manager.web.errors import error_response
+from manager.web.gauges import database_gauges
 
 bp = Blueprint("ops", __name__)
 
@@ -34,9 +34,9 @@ def readyz() -> tuple[Response, int]:
 @bp.get("/metrics")
 def metrics() -> Response:
     try:
-        stop_queue = queued_by_wait_reason(get_session())
+        gauges = database_gauges(get_session())
     except SQLAlchemyError:  # the process's own series still tell something
         get_session().rollback()
-        stop_queue = None
-    body, content_type = render(stop_queue)
+        gauges = []
+    body, content_type = render(gauges)
     return Response(body, content_type=content_type)

@@ -84,11 +84,12 @@ def test_serve_upgrades_then_serves(tmp_path: Path) -> None:
         "DATABASE_URL": f"sqlite:///{tmp_path}/serve.db",
         "SECRET_KEY": "serve-test",
     }
+    log = (tmp_path / "stderr").open("w")
     process = subprocess.Popen(
         [MANAGER, "serve", "--port", str(port), "--workers", "2"],
         env=env,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=log,
         start_new_session=True,
     )
     try:
@@ -107,9 +108,22 @@ def test_serve_upgrades_then_serves(tmp_path: Path) -> None:
         metrics = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
         assert 'reason="not_configured",verdict="rejected"' in metrics.text
         assert "manager_callback_seconds_bucket" in metrics.text
+        assert 'manager_stop_requests_queued{wait_reason="none"} 0.0' in metrics.text
+        assert refused.headers["X-Request-Id"]
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=20)
+        log.close()
+    # Off a terminal, gunicorn's lines and the app's are JSON (after the command's own
+    # plain "serving on" line).
+    lines = (tmp_path / "stderr").read_text().splitlines()
+    assert lines[0].startswith("serving on http://")
+    records = [json.loads(line) for line in lines[1:]]
+    assert any(
+        r["logger"] == "gunicorn.error" and r["message"].startswith("Booting worker")
+        for r in records
+    )
+    assert all({"time", "level", "logger", "message"} <= r.keys() for r in records)
 
 
 @pytest.mark.parametrize("value", ["0", "-3", "abc", "1_0", "100000"])

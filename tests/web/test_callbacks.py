@@ -263,8 +263,9 @@ def test_callback_posts_skip_flask_and_other_requests_do_not(
 
 
 def flask_view(app: Flask) -> Client:
-    """A client of the Flask app behind CallbackRoute: the blueprint's view answers."""
-    return Client(app.wsgi_app.wsgi_app)  # type: ignore[attr-defined]
+    """A client of the Flask app behind CallbackRoute (and the answer headers around it):
+    the blueprint's view answers."""
+    return Client(app.wsgi_app.wsgi_app.wsgi_app)  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(
