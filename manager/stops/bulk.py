@@ -36,8 +36,11 @@ class BulkSelection:
     def from_json(cls, body: Any) -> BulkSelection:
         if not isinstance(body, dict):
             raise Invalid("invalid_body", "the body must be a JSON object")
+        # null and false mean "left out"; 0 and 0.0 equal False in Python but are given.
         given = [
-            k for k in ("task_ids", "owner", "all_running") if body.get(k) not in (None, False)
+            k
+            for k in ("task_ids", "owner", "all_running")
+            if body.get(k) is not None and body.get(k) is not False
         ]
         if len(given) != 1:
             raise Invalid("invalid_body", "give exactly one of task_ids, owner, all_running")

@@ -41,13 +41,18 @@ def encode_cursor(task_pk: int) -> str:
     return base64.urlsafe_b64encode(str(task_pk).encode()).decode().rstrip("=")
 
 
+# tasks.id (and stop_batches.id) are Integers: PostgreSQL will not compare them with a
+# larger number, so a larger id is no row of ours.
+MAX_ROW_ID = 2**31 - 1
+
+
 def decode_cursor(raw: str | None) -> int | None:
     if raw in (None, ""):
         return None
     assert raw is not None  # noqa: S101
     try:
         text = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode()
-        if not is_number(text) or not 0 < int(text) < 2**63:  # a task's id
+        if not is_number(text) or not 0 < int(text) <= MAX_ROW_ID:  # a task's id
             raise ValueError(text)
         return int(text)
     except (ValueError, binascii.Error, UnicodeDecodeError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from flask import Blueprint, g, request
@@ -11,13 +12,14 @@ from werkzeug.routing import PathConverter
 from manager.clock import utcnow
 from manager.db import begin_write
 from manager.errors import Invalid, NotFound
-from manager.models import StopBatch
-from manager.params import parse_limit, parse_range, parse_status
+from manager.models import TASK_STATUSES, StopBatch
+from manager.params import MAX_PAGE, parse_limit, parse_range, parse_status
 from manager.services import get_dispatcher, get_session, get_settings
 from manager.stops.bulk import BulkSelection, create_batch
 from manager.stops.dispatch import stop_task_now
 from manager.stored_text import check_storable, reason_problem
 from manager.tasks.queries import (
+    MAX_ROW_ID,
     TaskFilter,
     batch_json,
     decode_cursor,
@@ -31,9 +33,31 @@ from manager.tasks.queries import (
 from manager.tasks.shapes import delivery_json, run_json, stop_request_json, task_json
 from manager.vocabulary import StopState
 from manager.web.auth import require_token
+from manager.web.openapi import (
+    OWNER,
+    SINCE,
+    UNTIL,
+    documented,
+    integer_query,
+    json_answer,
+    json_body,
+    or_empty,
+    query,
+)
 
 # ?force= spellings, compared in lower case; anything else is a 400 rather than false.
 FORCE_VALUES = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+
+def _any_case(text: str) -> str:
+    """A regular expression that matches `text` in any case."""
+    return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else re.escape(c) for c in text)
+
+
+# ?force= as the OpenAPI document states it.
+FORCE_PATTERN = f"^(?:{'|'.join(map(_any_case, FORCE_VALUES))})$"
+DEFAULT_LIMIT = parse_limit(None)
+TASK_ID = {"task_id": {"description": "the task's TaskId; may hold slashes"}}
 
 
 class TaskIdConverter(PathConverter):
@@ -55,6 +79,22 @@ def _register_converter(state: BlueprintSetupState) -> None:
 
 
 @bp.get("/tasks")
+@documented(
+    "List tasks, newest first, a page at a time",
+    parameters=[
+        query("status", or_empty({"enum": list(TASK_STATUSES)}), "only tasks in it"),
+        OWNER,
+        {**SINCE, "description": "first seen at or after this time; " + SINCE["description"]},
+        {**UNTIL, "description": "first seen before this time"},
+        integer_query("limit", 1, MAX_PAGE, f"page size, {DEFAULT_LIMIT} unless given"),
+        query("cursor", {"type": "string"}, "the next_cursor of the page before"),
+    ],
+    responses={
+        200: json_answer("A page of tasks.", "TaskPage"),
+        400: "Invalid",
+        503: "Unavailable",
+    },
+)
 @require_token
 def tasks() -> dict[str, Any]:
     args = request.args
@@ -79,6 +119,16 @@ def tasks() -> dict[str, Any]:
 # A task id may end in "/stop", so the methods tell the routes apart: GET
 # /api/tasks/a/stop is task "a/stop", POST to it stops task "a".
 @bp.get("/tasks/<task_id:task_id>", merge_slashes=False)
+@documented(
+    "A task: its state, runs, deliveries and stop requests",
+    path_parameters=TASK_ID,
+    responses={
+        200: json_answer("The task.", "TaskDetail"),
+        400: "Invalid",
+        404: "NotFound",
+        503: "Unavailable",
+    },
+)
 @require_token
 def task_detail(task_id: str) -> dict[str, Any]:
     """The task's state, every run of it, its deliveries and its stop requests."""
@@ -94,6 +144,31 @@ def task_detail(task_id: str) -> dict[str, Any]:
 
 
 @bp.post("/tasks/<task_id:task_id>/stop", merge_slashes=False)
+@documented(
+    "Stop a task through StopCloudTranscode",
+    description=(
+        "Stores the stop request with the next Sequence, then sends it as the task's "
+        "owner. A stop already in flight for the task is returned, not repeated."
+    ),
+    path_parameters=TASK_ID,
+    parameters=[
+        query(
+            "force",
+            {"type": "string", "pattern": FORCE_PATTERN},
+            f"stop a stopped or failed task too; {', '.join(FORCE_VALUES)}, any case",
+        )
+    ],
+    body=json_body("StopBody", required=False, description="Optional."),
+    responses={
+        200: json_answer("ZEGOCLOUD accepted it: the task is stopping.", "StopAnswer"),
+        202: json_answer("Queued: the worker retries it.", "StopAnswer"),
+        400: "Invalid",
+        404: "NotFound",
+        409: json_answer("The task is stopped or failed already, or has no owner.", "Error"),
+        502: json_answer("ZEGOCLOUD refused it for good.", "ZegoRefusal"),
+        503: "Unavailable",
+    },
+)
 @require_token
 def stop_task(task_id: str) -> tuple[dict[str, Any], int]:
     """Store the stop, then make the first attempt here; retries are the worker's."""
@@ -126,6 +201,16 @@ def stop_task(task_id: str) -> tuple[dict[str, Any], int]:
 
 
 @bp.post("/stops")
+@documented(
+    "Stop many tasks: these, an owner's running ones, or every running one",
+    description="Queues a stop request per task; the worker sends them within the rate limit.",
+    body=json_body("BulkStopBody", required=True),
+    responses={
+        202: json_answer("The batch, with its stop requests.", "BulkStopAnswer"),
+        400: "Invalid",
+        503: "Unavailable",
+    },
+)
 @require_token
 def bulk_stop() -> tuple[dict[str, Any], int]:
     body = _json_body()
@@ -147,7 +232,18 @@ def bulk_stop() -> tuple[dict[str, Any], int]:
     return {"batch": batch_json(session, batch, with_items=True), "skipped": skipped}, 202
 
 
-@bp.get("/stops/<int:batch_id>")
+# An id no batch can have (stop_batches.id is an Integer) is no route at all, rather
+# than a number the database cannot compare.
+@bp.get(f"/stops/<int(min=1, max={MAX_ROW_ID}):batch_id>")
+@documented(
+    "A bulk stop and its stop requests",
+    path_parameters={"batch_id": {"description": "the batch's id"}},
+    responses={
+        200: json_answer("The batch.", "BatchAnswer"),
+        404: "NotFound",
+        503: "Unavailable",
+    },
+)
 @require_token
 def batch_detail(batch_id: int) -> dict[str, Any]:
     session = get_session()

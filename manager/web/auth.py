@@ -15,6 +15,9 @@ from manager.services import get_session
 from manager.web.errors import HttpError
 
 F = TypeVar("F", bound=Callable[..., Any])
+# Marks the views `require_token` guards: the OpenAPI document gives them the bearer
+# token's security and its 401 (manager/web/openapi.py).
+GUARD_MARK = "requires_token"
 
 
 def current_token_name() -> str | None:
@@ -45,6 +48,8 @@ def sign_in(token: str) -> str | None:
 
 
 def require_token(view: F) -> F:
+    """The view, answering 401 unless the request carries an active bearer token."""
+
     @wraps(view)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         name = current_token_name()
@@ -53,4 +58,5 @@ def require_token(view: F) -> F:
         g.operator = name
         return view(*args, **kwargs)
 
+    setattr(wrapper, GUARD_MARK, True)
     return wrapper  # type: ignore[return-value]

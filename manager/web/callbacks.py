@@ -36,6 +36,7 @@ from manager.metrics import CALLBACK_LATENCY, count_database_error, count_delive
 from manager.models import Delivery
 from manager.vocabulary import Verdict
 from manager.web.errors import error_body, http_error_parts, status_for
+from manager.web.openapi import Answer, documented, json_answer
 from manager.zego.callbacks import (
     EVENT_START,
     EVENT_STOP,
@@ -88,12 +89,68 @@ StartResponse = Callable[..., Any]
 WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 
-@bp.post("/callbacks/zego", defaults={"path_event": None})
-@bp.post("/callbacks/zego/<any(transcode_start, transcode_stop):path_event>")
-def receive(path_event: str | None) -> Response:
+_CALLBACK_ANSWERS: dict[int, Answer] = {
+    200: json_answer("Stored: applied, duplicate, or stale.", "CallbackAnswer"),
+    400: json_answer("The body or a field is malformed; the message names it.", "Error"),
+    401: json_answer("invalid_signature, or stale_timestamp (outside CALLBACK_MAX_AGE).", "Error"),
+    403: json_answer("wrong_appid: signed, but for another Appid.", "Error"),
+    409: json_answer("nonce_reused: a Timestamp and Nonce seen with another body.", "Error"),
+    413: json_answer(
+        f"body_too_large: over {MAX_BODY_BYTES // 1024} KiB, declared or chunked.", "Error"
+    ),
+    503: json_answer(
+        "database_unavailable (ZEGOCLOUD retries), or not_configured: ZEGO_APP_ID and "
+        "ZEGO_CALLBACK_SECRET are not set.",
+        "Error",
+    ),
+}
+_CALLBACK_DESCRIPTION = (
+    "No bearer token: the body's Signature (over a callback secret, Timestamp and Nonce) "
+    "is verified, then Appid, then Timestamp. Every request is recorded as a delivery. "
+    "The body is JSON, or URL-encoded: the JSON percent-encoded, the fields as form "
+    "fields, or one form field holding the JSON; numbers may come as strings. A 2xx is "
+    "sent only after the delivery is committed."
+)
+
+
+def _callback_body(schema: str) -> dict[str, Any]:
+    return {
+        "required": True,
+        "content": {
+            "application/json": {"schema": schema},
+            "application/x-www-form-urlencoded": {"schema": "CallbackForm"},
+        },
+    }
+
+
+@bp.post("/callbacks/zego")
+@documented(
+    "Receive a transcode_start or transcode_stop callback",
+    description=_CALLBACK_DESCRIPTION,
+    body=_callback_body("Callback"),
+    responses=_CALLBACK_ANSWERS,
+)
+def receive() -> Response:
     """Flask's route to the endpoint. CallbackRoute answers these POSTs before Flask sees
     them, so this runs only where the app is served without it; a test holds the two
     entry points to the same answers."""
+    return _answer(None)
+
+
+@bp.post(f"/callbacks/zego/<any({EVENT_START}, {EVENT_STOP}):path_event>")
+@documented(
+    "Receive a callback of the event the path names",
+    description=_CALLBACK_DESCRIPTION + " Event may be left out; if given, it must match.",
+    path_parameters={"path_event": {"description": "the callback's Event"}},
+    body=_callback_body("EventCallback"),
+    responses={**_CALLBACK_ANSWERS, 404: "NotFound"},
+)
+def receive_event(path_event: str) -> Response:
+    """As `receive`, for the paths that name the Event."""
+    return _answer(path_event)
+
+
+def _answer(path_event: str | None) -> Response:
     status, body = current_app.extensions[ENDPOINT].handle(request.environ, path_event)
     return Response(body, status=status, mimetype="application/json")
 

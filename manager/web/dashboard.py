@@ -48,6 +48,7 @@ from manager.web.api import TaskIdConverter
 from manager.web.auth import sign_in
 from manager.web.charts import daily_chart
 from manager.web.edges import CONTENT_SECURITY_POLICY
+from manager.web.openapi import SESSION, documented, form_body, html_answer, redirect_answer
 
 CHART_DAYS = 14
 DELIVERY_ROWS = 50
@@ -75,6 +76,21 @@ bp = Blueprint(
     static_folder="static",
     static_url_path="/dashboard/static",
 )
+
+
+# The pages work signed in (the session cookie) or not; the document says both.
+SIGNED_IN_OR_NOT: list[dict[str, list[str]]] = [{SESSION: []}, {}]
+TO_DASHBOARD = redirect_answer("To the dashboard, with a message to show there.")
+CSRF_REFUSED = html_answer("The form's csrf field does not match the session's.")
+# The task page's own 404 is a page; a path no route takes gets the JSON error.
+NO_SUCH_TASK = {
+    "description": "No such task (a page), or no such path (the JSON error).",
+    "content": {
+        "text/html": {"schema": {"type": "string"}},
+        "application/json": {"schema": "Error"},
+    },
+}
+CSRF_FIELD = {"csrf": "the session's CSRF token, from the page's form"}
 
 
 @bp.record_once
@@ -189,6 +205,14 @@ def _headers(response: Response) -> Response:
 
 
 @bp.get("/")
+@documented(
+    "The dashboard, or the sign-in page",
+    security=SIGNED_IN_OR_NOT,
+    responses={
+        200: html_answer("Signed in: the dashboard; else the sign-in page."),
+        503: "Unavailable",
+    },
+)
 def index() -> str:
     if g.operator is None:
         return render_template("login.html")
@@ -220,6 +244,17 @@ def index() -> str:
 
 
 @bp.get("/tasks/<task_id:task_id>", merge_slashes=False)
+@documented(
+    "One task's page",
+    security=SIGNED_IN_OR_NOT,
+    path_parameters={"task_id": {"description": "the task's TaskId; may hold slashes"}},
+    responses={
+        200: html_answer("The task's page."),
+        302: redirect_answer("Not signed in: to the sign-in page."),
+        404: NO_SUCH_TASK,
+        503: "Unavailable",
+    },
+)
 def task(task_id: str) -> ResponseReturnValue:
     """One task: its state, every run (the latest TASK_ROWS), deliveries, stop requests."""
     if g.operator is None:
@@ -259,6 +294,19 @@ def task(task_id: str) -> ResponseReturnValue:
 
 
 @bp.get("/tasks")
+@documented(
+    "One task's page, for a task id no path can carry",
+    security=SIGNED_IN_OR_NOT,
+    parameters=[
+        {"in": "query", "name": "id", "schema": {"type": "string"}, "description": "the TaskId"}
+    ],
+    responses={
+        200: html_answer("The task's page."),
+        302: redirect_answer("No id, or not signed in: to the dashboard."),
+        404: html_answer("No such task."),
+        503: "Unavailable",
+    },
+)
 def task_by_query() -> ResponseReturnValue:
     """/tasks?id=<task_id>: the task page for an id no path can carry (see task_url)."""
     task_id = request.args.get("id", "")
@@ -268,6 +316,12 @@ def task_by_query() -> ResponseReturnValue:
 
 
 @bp.post("/login")
+@documented(
+    "Sign in with an API token",
+    security=SIGNED_IN_OR_NOT,
+    body=form_body({**CSRF_FIELD, "token": "an API token"}, ["csrf", "token"]),
+    responses={302: TO_DASHBOARD, 400: CSRF_REFUSED, 503: "Unavailable"},
+)
 def login() -> ResponseReturnValue:
     token = request.form.get("token", "").strip()
     name = None
@@ -284,6 +338,12 @@ def login() -> ResponseReturnValue:
 
 
 @bp.post("/logout")
+@documented(
+    "Sign out",
+    security=SIGNED_IN_OR_NOT,
+    body=form_body(CSRF_FIELD, ["csrf"]),
+    responses={302: TO_DASHBOARD, 400: CSRF_REFUSED, 503: "Unavailable"},
+)
 def logout() -> ResponseReturnValue:
     _sign_out()
     flash("Signed out.", "ok")
@@ -291,6 +351,23 @@ def logout() -> ResponseReturnValue:
 
 
 @bp.post("/stop")
+@documented(
+    "Stop a task, as POST /api/tasks/{task_id}/stop does",
+    security=SIGNED_IN_OR_NOT,
+    body=form_body(
+        {
+            **CSRF_FIELD,
+            "task_id": "the task to stop",
+            "back": "task: return to the task's page, not the dashboard",
+        },
+        ["csrf", "task_id"],
+    ),
+    responses={
+        302: redirect_answer("Back to the page, with what happened (or why not) to show there."),
+        400: CSRF_REFUSED,
+        503: "Unavailable",
+    },
+)
 def stop() -> ResponseReturnValue:
     """Stop one task like POST /api/tasks/<id>/stop, then say what happened."""
     if g.operator is None:

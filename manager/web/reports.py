@@ -16,7 +16,7 @@ from manager.errors import Invalid, NotFound
 from manager.reports.columns import COLUMNS, LIST_KEYS, REPORTS, flatten, row_cells
 from manager.reports.csv_cells import safe_row
 from manager.reports.daily import daily
-from manager.reports.owners import owners, owners_page
+from manager.reports.owners import MAX_OWNERS_LIMIT, OWNERS_LIMIT, owners, owners_page
 from manager.reports.params import (
     check_days,
     decode_owners_cursor,
@@ -25,17 +25,70 @@ from manager.reports.params import (
     parse_silent_for,
     parse_window,
 )
-from manager.reports.stuck import stuck
+from manager.reports.stuck import DEFAULT_SILENT_FOR, stuck
 from manager.reports.summary import summary
 from manager.reports.window import Window
 from manager.services import get_session
 from manager.stored_text import check_storable
 from manager.web.auth import require_token
+from manager.web.openapi import (
+    OWNER,
+    SINCE,
+    UNTIL,
+    documented,
+    integer_query,
+    or_empty,
+    query,
+)
 
 bp = Blueprint("reports", __name__, url_prefix="/api/reports")
 
+FORMATS = ("json", "csv")
+REPORT_NAME = {"type": "string", "enum": list(REPORTS)}
+MAX_SILENT_FOR = 10**10 - 1  # parse_silent_for takes up to ten digits
+
 
 @bp.get("/<name>")
+@documented(
+    "A report, as JSON or CSV",
+    description=(
+        "summary, owners, daily or stuck over the window [since, until), computed in SQL. "
+        "CSV (format=csv, or Accept: text/csv) has a header row, then one row per item; "
+        "the summary is one row of group.field columns."
+    ),
+    path_parameters={"name": {"description": "the report", "schema": REPORT_NAME}},
+    parameters=[
+        SINCE,
+        UNTIL,
+        OWNER,
+        query("format", or_empty({"enum": list(FORMATS)}), "else from Accept; else json"),
+        integer_query(
+            "limit",
+            1,
+            MAX_OWNERS_LIMIT,
+            f"owners: a page of this many ({OWNERS_LIMIT} unless given); CSV: at most this many",
+        ),
+        query("cursor", {"type": "string"}, "owners: the next_cursor of the page before"),
+        integer_query(
+            "silent_for",
+            0,
+            MAX_SILENT_FOR,
+            f"stuck: seconds without a delivery ({DEFAULT_SILENT_FOR} unless given)",
+        ),
+    ],
+    responses={
+        200: {
+            "description": "The report.",
+            "content": {
+                "application/json": {"schema": "Report"},
+                "text/csv": {"schema": {"type": "string"}},
+            },
+        },
+        400: "Invalid",
+        404: "NotFound",
+        503: "Unavailable",
+    },
+)
 @require_token
 def report(name: str) -> Response:
     """A report as JSON or CSV: the rows of the functions the CLI calls, formatted."""
@@ -111,7 +164,7 @@ def _format() -> str:
     if raw is None or raw == "":
         best = request.accept_mimetypes.best_match(["application/json", "text/csv"])
         return "csv" if best == "text/csv" else "json"
-    if raw not in ("json", "csv"):
+    if raw not in FORMATS:
         raise Invalid("invalid_parameter", "format must be json or csv")
     return raw
 

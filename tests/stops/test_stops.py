@@ -447,6 +447,8 @@ def test_bulk_stop_by_ids_owner_and_all(
         {"owner": 5},
         {"all_running": "yes"},
         {"owner": "a", "all_running": True},
+        {"owner": 0, "all_running": True},  # 0 == False in Python, but it was given
+        {"task_ids": 0.0, "all_running": True},
         [1],
     ],
 )
