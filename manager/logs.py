@@ -28,6 +28,7 @@ from pythonjsonlogger.json import JsonFormatter
 CONTEXT_FIELDS = (
     "request_id",
     "task_id",
+    "sequence",
     "owner",
     "stop_request_id",
     "attempt",

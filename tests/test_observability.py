@@ -32,7 +32,7 @@ from manager.models import StopRequest, Task
 from manager.zego.fake import Failure
 from manager.zego.fake_server import FakeServer
 
-from .conftest import APP_ID, CALLBACK_SECRET, SERVER_SECRET
+from .conftest import APP_ID, CALLBACK_SECRET, SERVER_SECRET, callback
 from .live import free_port
 from .stops.test_stops import make_due, start, stop, worker_once
 
@@ -309,12 +309,14 @@ def test_an_empty_queue_reads_zero(client: FlaskClient) -> None:
     assert metrics[("manager_stop_requests_in_flight", ())] == 0
 
 
-def test_database_errors_answered_503_are_counted(tmp_path: Path) -> None:
+def test_database_errors_answered_503_are_counted_and_logged(
+    tmp_path: Path, log_lines: io.StringIO
+) -> None:
     missing = tmp_path / "no-such-dir" / "manager.db"
     settings = Settings(
         database_url=f"sqlite:///{missing}",
         secret_key="k" * 32,
-        zego_app_id=1,
+        zego_app_id=APP_ID,
         zego_server_secret=SERVER_SECRET,
         callback_secrets=(CALLBACK_SECRET,),
     )
@@ -325,10 +327,18 @@ def test_database_errors_answered_503_are_counted(tmp_path: Path) -> None:
         assert client.get("/api/tasks", headers={"Authorization": "Bearer x"}).status_code == 503
         # A malformed callback is recorded as rejected: that write fails too.
         assert client.post("/callbacks/zego", data=b"{").status_code == 503
+        valid = json.dumps(callback(task_id="db-1", sequence=7))
+        answer = client.post(
+            "/callbacks/zego", data=valid, headers={"X-Request-Id": "zego-retry-1"}
+        )
+        assert answer.status_code == 503
         after = {b: sample("manager_database_errors_total", {"blueprint": b}) for b in BLUEPRINTS}
-        assert {b: after[b] - before[b] for b in BLUEPRINTS} == {"api": 1, "callbacks": 1}
+        assert {b: after[b] - before[b] for b in BLUEPRINTS} == {"api": 1, "callbacks": 2}
     finally:
         dispose_engines(app)
+    [line] = [x for x in json_lines(log_lines) if x.get("task_id") == "db-1"]
+    assert (line["level"], line["sequence"], line["request_id"]) == ("WARNING", 7, "zego-retry-1")
+    assert line["message"].startswith("callback not committed")
 
 
 BLUEPRINTS = ("api", "callbacks")

@@ -234,7 +234,12 @@ class CallbackEndpoint:
             return self._reject(exc, raw, size, received_at, remote_addr)
         except SQLAlchemyError as exc:
             count_database_error("callbacks")
-            log.warning("callback not committed: %s", type(exc).__name__)
+            # Only the store raises this, so the callback was parsed and verified.
+            log.warning(
+                "callback not committed: %s",
+                type(exc).__name__,
+                extra={"task_id": cb.task_id, "sequence": cb.sequence},
+            )
             return 503, error_body("database_unavailable", "the callback could not be stored")
         count_delivery(outcome.verdict, outcome.reason)
         count_fold(outcome.refolded)
