@@ -116,6 +116,20 @@ DATABASE_ERRORS = Counter(
 )
 
 
+PRUNED = Counter(
+    "manager_deliveries_pruned_total",
+    "What DELIVERY_RETENTION_DAYS pruning removed: raw bodies dropped, deliveries deleted,"
+    " and task histories folded into their last run",
+    ["what"],
+)
+
+
+def count_pruned(bodies: int, deliveries: int, tasks: int) -> None:
+    for what, count in (("bodies", bodies), ("deliveries", deliveries), ("tasks", tasks)):
+        if count:
+            PRUNED.labels(what).inc(count)
+
+
 def count_stop_attempt(outcome: str, state: str) -> None:
     """One recorded attempt: its answer's outcome, and the state it left its request in
     (`queued` when it will be tried again)."""

@@ -46,7 +46,8 @@ class Task(Base):
     Times are naive UTC. The columns are the result of the fold of the task's events
     (manager/callbacks/rules.py): (state_seq, state_rank) is the highest position of
     its events, owner_* and details_* are max-registers, started_at and ended_at are
-    those of its last run; task_runs holds every run.
+    those of its last run; task_runs holds every run. Once its old events are pruned
+    (pruned_histories), the fold starts from its last run as it was then.
     """
 
     __tablename__ = "tasks"
@@ -99,7 +100,12 @@ class Task(Base):
 
 
 class Delivery(Base):
-    """One request that reached the callback endpoint, with its verdict."""
+    """One request that reached the callback endpoint, with its verdict.
+
+    Past the retention (manager/callbacks/retention.py) its raw body is dropped
+    (raw_body NULL; the parsed columns stay), and then, where nothing needs it any
+    more, the row.
+    """
 
     __tablename__ = "deliveries"
     __table_args__ = (
@@ -132,7 +138,22 @@ class Delivery(Base):
 
     remote_addr: Mapped[str | None] = mapped_column(String(64))
     body_size: Mapped[int] = mapped_column(Integer)
-    raw_body: Mapped[bytes] = mapped_column(LargeBinary)
+    raw_body: Mapped[bytes | None] = mapped_column(LargeBinary)  # None: pruned
+
+
+class PrunedHistory(Base):
+    """A task whose deliveries received before `events_before` were deleted
+    (manager/callbacks/retention.py): its runs 1..runs are what they made, and run
+    `runs` (whose start was seen or not: start_seen) stands in for them in the fold."""
+
+    __tablename__ = "pruned_histories"
+
+    task_pk: Mapped[int] = mapped_column(
+        ForeignKey("tasks.id", ondelete="CASCADE"), primary_key=True, autoincrement=False
+    )
+    runs: Mapped[int] = mapped_column(Integer)
+    start_seen: Mapped[bool] = mapped_column(Boolean)
+    events_before: Mapped[datetime] = mapped_column(DateTime)
 
 
 class DeliveryHour(Base):

@@ -6,13 +6,15 @@ keeps as a `History` (`history_of`), a callback, a recorded delivery or an accep
 stop as an `Event`, and the `Change` an event makes. `advance` extends the row alone
 where `rules.extend` can tell (`extended`); otherwise it reads the task's recorded
 events back (`load_events`) and compares their whole `fold` with what is stored
-(`compare`, `diff`). Writing a change back is manager/callbacks/task_rows.py.
+(`refold`, `compare`, `diff`). A task whose old events were pruned
+(manager/callbacks/retention.py) is folded from the run that stands in for them
+(`fold_pruned`). Writing a change back is manager/callbacks/task_rows.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -20,6 +22,8 @@ from sqlalchemy import Connection, Table, bindparam, select
 
 from manager.callbacks.rules import (
     ENDED,
+    FAILED_ON_ITS_OWN,
+    STOPPED_BY_USER,
     Ending,
     Event,
     History,
@@ -29,9 +33,13 @@ from manager.callbacks.rules import (
     extend,
     fold,
 )
-from manager.models import Delivery, StopAttempt, StopRequest, Task, TaskRun
+from manager.models import Delivery, PrunedHistory, StopAttempt, StopRequest, Task, TaskRun
 from manager.zego.callbacks import STATUS_STARTED, Callback
 from manager.zego.client import Outcome
+
+# The Sequence of the events that stand in for a pruned history: below every real one
+# (a missing Sequence counts as 0).
+BASE_SEQUENCE = -1
 
 
 @dataclass(slots=True)
@@ -56,6 +64,15 @@ class TaskState:
     ended_at: datetime | None
     updated_at: datetime
     last_delivery_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Mark:
+    """A task's pruned_histories row: run `runs` stands in for the events before."""
+
+    runs: int
+    start_seen: bool
+    events_before: datetime
 
 
 @dataclass(frozen=True)
@@ -119,11 +136,22 @@ def advance(conn: Connection, task: TaskState, event: Event, *, stored: bool) ->
     before = history_of(task)
     after = extend(before, event)
     if after is None:
-        events = load_events(conn, task.id)
-        if not stored:
-            events.append(event)
-        return compare(conn, task, fold(events))
+        return refold(conn, task, None if stored else event)
     return extended(before, after)
+
+
+def refold(conn: Connection, task: TaskState, event: Event | None = None) -> Change:
+    """A whole fold of the task's recorded events, and `event` (not recorded yet); of a
+    pruned task, of the events since, after the run that stands in for the rest."""
+    row = conn.execute(_PRUNED_OF, {"task_pk": task.id}).first()
+    mark = None if row is None else Mark(*row)
+    events = load_events(conn, task.id, since=None if mark is None else mark.events_before)
+    if event is not None:
+        events.append(event)
+    if mark is None:
+        return compare(conn, task, fold(events))
+    stored = conn.execute(_RUNS_OF, {"task_pk": task.id}).all()
+    return fold_pruned(task, stored, events, mark)
 
 
 def extended(before: History, after: History) -> Change:
@@ -181,11 +209,18 @@ def _task_fields(h: History) -> tuple[Any, ...]:
     )
 
 
-def load_events(conn: Connection, task_pk: int) -> list[Event]:
-    """The task's recorded events: non-duplicate verified callbacks, accepted stops."""
-    events = [delivery_event(row) for row in conn.execute(_EVENTS_OF, {"task_pk": task_pk})]
+def load_events(conn: Connection, task_pk: int, since: datetime | None = None) -> list[Event]:
+    """The task's recorded events: non-duplicate verified callbacks, accepted stops;
+    with `since` (a pruned task's events_before), only those received or accepted since."""
+    events = [
+        delivery_event(row)
+        for row in conn.execute(_EVENTS_OF, {"task_pk": task_pk})
+        if since is None or row.received_at >= since
+    ]
     events.extend(
-        accepted_stop_event(row) for row in conn.execute(_ACCEPTED_STOPS_OF, {"task_pk": task_pk})
+        accepted_stop_event(row)
+        for row in conn.execute(_ACCEPTED_STOPS_OF, {"task_pk": task_pk})
+        if since is None or row.attempted_at >= since
     )
     return events
 
@@ -209,6 +244,66 @@ def delivery_event(row: Any) -> Event:
 def accepted_stop_event(row: Any) -> Event:
     """The event of a stop attempt that ZEGOCLOUD accepted (sequence, attempted_at)."""
     return Event(Rank.STOP_REQUEST, row.sequence, row.attempted_at)
+
+
+# --- a pruned history in the fold (manager/callbacks/retention.py) ------------------
+
+
+def base_events(run: Run) -> list[Event]:
+    """The events that stand in for a pruned history: its last run's start (if known;
+    an update if its start was not seen) and its stop or failure, at Sequence -1."""
+    events = []
+    if run.started_at is not None:
+        rank = Rank.STARTED if run.start_seen else Rank.UPDATED
+        events.append(Event(rank, BASE_SEQUENCE, run.started_at))
+    if run.ended_at is not None:
+        reason = FAILED_ON_ITS_OWN if run.ending == Ending.FAILED else STOPPED_BY_USER
+        events.append(Event(Rank.STOPPED, BASE_SEQUENCE, run.ended_at, stop_reason=reason))
+    return events
+
+
+def fold_pruned(
+    task: TaskState, stored: Sequence[Any], events: Iterable[Event], mark: Mark
+) -> Change:
+    """A pruned task refolded: run `mark.runs` as stored stands in for its deleted
+    events, `events` (those received since) follow it, and the row's max-registers
+    keep what the deleted ones gave them. `stored` are its runs (rows of run_no, owner,
+    started_at, ended_at, stop_reason, in run_no order)."""
+    offset = mark.runs - 1
+    if offset < 0 or len(stored) <= offset:  # its runs are not what pruning left
+        return Change(history_of(task), False, [], owner_changed=False, full=False)
+    base = replace(stored_run(stored[offset]), start_seen=mark.start_seen)
+    after = _with_registers_of(task, fold([*base_events(base), *events]))
+    # Compared from run `mark.runs` on, as if it were the first; then numbered.
+    change = diff(replace(task, runs=task.runs - offset), stored[offset:], after)
+    owner_changed = any(row.owner != after.owner for row in stored[:offset])
+    return Change(
+        replace(change.history, first_run=offset),
+        change.changed or owner_changed,
+        [(number + offset, run) for number, run in change.runs],
+        owner_changed=owner_changed,
+        full=True,
+    )
+
+
+def _with_registers_of(task: TaskState, after: History) -> History:
+    """The fold's max-registers, with what the row's hold from the pruned events."""
+    position = max(after.position, (task.state_seq, task.state_rank))
+    owner, owner_position = after.owner, after.owner_position
+    if owner_position is not None and owner_position[0] == BASE_SEQUENCE:
+        owner, owner_position = None, None  # the base's start names no owner
+    if task.owner_seq is not None and task.owner_rank is not None:
+        kept = (task.owner_seq, task.owner_rank)
+        if owner_position is None or kept > owner_position:
+            owner, owner_position = task.owner, kept
+    failures = [t for t in (after.last_failure_at, task.last_failure_at) if t is not None]
+    return replace(
+        after,
+        position=position,
+        owner=owner,
+        owner_position=owner_position,
+        last_failure_at=max(failures, default=None),
+    )
 
 
 # --- statements, built once ---------------------------------------------------------
@@ -242,7 +337,12 @@ EVENT_COLUMNS = (
 # A delivery is one of its task's events when it holds its event key: verified, and
 # not a duplicate (rejected and duplicate deliveries have none).
 IS_EVENT = _DELIVERIES.c.event_key.is_not(None)
-_EVENTS_OF = select(*EVENT_COLUMNS).where(_DELIVERIES.c.task_pk == bindparam("task_pk"), IS_EVENT)
+_EVENTS_OF = select(*EVENT_COLUMNS, _DELIVERIES.c.received_at).where(
+    _DELIVERIES.c.task_pk == bindparam("task_pk"), IS_EVENT
+)
+_PRUNED_OF = select(
+    PrunedHistory.runs, PrunedHistory.start_seen, PrunedHistory.events_before
+).where(PrunedHistory.task_pk == bindparam("task_pk"))
 ACCEPTED_STOP_COLUMNS = (StopRequest.task_pk, StopAttempt.sequence, StopAttempt.attempted_at)
 ACCEPTED_STOPS = (
     select(*ACCEPTED_STOP_COLUMNS)

@@ -5,7 +5,9 @@ history, a batch of tasks at a time: one query each for the batch's rows, events
 accepted stops and runs, the fold in Python, and writes only where something differs.
 The batch's task rows are locked while it is worked on (but for a dry run, which
 reads a snapshot), so callbacks arriving meanwhile wait for it (or it for them) and
-the result is what their events make it.
+the result is what their events make it. A task whose old events were pruned
+(manager/callbacks/retention.py) is folded from the run that stands in for them and
+the events received since (`fold_pruned`): its runs from before stay as they are.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, delete, select
+from sqlalchemy import Connection, delete, inspect, select
 
 from manager.callbacks.history import (
     ACCEPTED_STOP_COLUMNS,
@@ -25,15 +27,17 @@ from manager.callbacks.history import (
     IS_EVENT,
     RUN_COLUMNS,
     TASK_STATE,
+    Mark,
     TaskState,
     accepted_stop_event,
     delivery_event,
     diff,
+    fold_pruned,
     stored_run,
 )
 from manager.callbacks.rules import Event, History, Run, fold
 from manager.callbacks.task_rows import write_back
-from manager.models import Delivery, RunDay, StopRequest, Task, TaskRun
+from manager.models import Delivery, PrunedHistory, RunDay, StopRequest, Task, TaskRun
 
 BATCH = 2000
 
@@ -67,6 +71,7 @@ def rebuild(
     since the runs it was worked out from have changed."""
     after_pk = 0
     changed_any = False
+    pruning = _knows_pruning(conn)
     while True:
         query = TASK_STATE.add_columns(Task.task_id).where(Task.id > after_pk)
         if task_id is not None:
@@ -79,18 +84,22 @@ def rebuild(
             break
         low, high = rows[0].id, rows[-1].id
         after_pk = high
-        events = _events_between(conn, low, high)
+        marks = _marks_between(conn, low, high) if pruning else {}
+        events = _events_between(conn, low, high, marks)
         runs = _runs_between(conn, low, high)
 
         changed = []
         for row in rows:
             task = TaskState(*tuple(row)[:-1])
-            after = fold(events[task.id])
-            change = diff(task, runs[task.id], after)
+            stored = runs[task.id]
+            if task.id in marks:
+                change = fold_pruned(task, stored, events[task.id], marks[task.id])
+            else:
+                change = diff(task, stored, fold(events[task.id]))
             if not change.changed:
                 continue
-            before = _figures(task.status, [stored_run(r) for r in runs[task.id]], now)
-            changed.append(Rebuilt(row.task_id, before, _figures_of(after, now)))
+            before = _figures(task.status, [stored_run(r) for r in stored], now)
+            changed.append(Rebuilt(row.task_id, before, _figures_of(change.history, stored, now)))
             if not dry_run:
                 write_back(conn, task, change)
         if changed:
@@ -100,20 +109,51 @@ def rebuild(
         conn.execute(delete(RunDay))
 
 
-def _events_between(conn: Connection, low: int, high: int) -> dict[int, list[Event]]:
-    """The recorded events of the tasks whose ids are in [low, high], by task id."""
+def _knows_pruning(conn: Connection) -> bool:
+    """Whether the schema records pruned histories: not yet when migration 0013 runs
+    this (0015 adds the table), and then no task can have been pruned."""
+    return inspect(conn).has_table(PrunedHistory.__tablename__)
+
+
+def _marks_between(conn: Connection, low: int, high: int) -> dict[int, Mark]:
+    """The pruned_histories rows of the tasks whose ids are in [low, high]."""
+    rows = conn.execute(
+        select(
+            PrunedHistory.task_pk,
+            PrunedHistory.runs,
+            PrunedHistory.start_seen,
+            PrunedHistory.events_before,
+        ).where(PrunedHistory.task_pk.between(low, high))
+    )
+    return {row.task_pk: Mark(row.runs, row.start_seen, row.events_before) for row in rows}
+
+
+def _events_between(
+    conn: Connection, low: int, high: int, marks: dict[int, Mark]
+) -> dict[int, list[Event]]:
+    """The recorded events of the tasks whose ids are in [low, high], by task id; of a
+    pruned task, those received (or accepted) since its events were pruned."""
     events: dict[int, list[Event]] = defaultdict(list)
     for delivery in conn.execute(
-        select(*EVENT_COLUMNS).where(Delivery.task_pk.between(low, high), IS_EVENT)
+        select(*EVENT_COLUMNS, Delivery.received_at).where(
+            Delivery.task_pk.between(low, high), IS_EVENT
+        )
     ):
-        events[delivery.task_pk].append(delivery_event(delivery))
+        if _since_pruned(marks, delivery.task_pk, delivery.received_at):
+            events[delivery.task_pk].append(delivery_event(delivery))
     for stop in conn.execute(
         ACCEPTED_STOPS.where(StopRequest.task_pk.between(low, high)).with_only_columns(
             *ACCEPTED_STOP_COLUMNS
         )
     ):
-        events[stop.task_pk].append(accepted_stop_event(stop))
+        if _since_pruned(marks, stop.task_pk, stop.attempted_at):
+            events[stop.task_pk].append(accepted_stop_event(stop))
     return events
+
+
+def _since_pruned(marks: dict[int, Mark], task_pk: int, at: datetime) -> bool:
+    mark = marks.get(task_pk)
+    return mark is None or at >= mark.events_before
 
 
 def _runs_between(conn: Connection, low: int, high: int) -> dict[int, list[Any]]:
@@ -128,8 +168,10 @@ def _runs_between(conn: Connection, low: int, high: int) -> dict[int, list[Any]]
     return runs
 
 
-def _figures_of(history: History, now: datetime) -> TaskFigures:
-    return _figures(str(history.status), list(history.runs), now)
+def _figures_of(history: History, stored: list[Any], now: datetime) -> TaskFigures:
+    """The task's figures after the fold: the stored runs before the first it folded."""
+    earlier = [stored_run(r) for r in stored[: history.first_run]]
+    return _figures(str(history.status), [*earlier, *history.runs], now)
 
 
 def _figures(status: str, runs: list[Run], now: datetime) -> TaskFigures:

@@ -18,7 +18,7 @@ from manager.metrics import serve_metrics
 from manager.services import get_dispatcher
 from manager.stops.dispatch import make_dispatcher, stop_task_now
 from manager.stops.requests import WAIT_REASON_TEXT
-from manager.stops.worker import StopWorker
+from manager.stops.worker import Pruning, StopWorker
 from manager.vocabulary import StopState
 
 
@@ -85,7 +85,9 @@ def worker_command(once: bool, threads: int, metrics_port: int | None, metrics_h
             "worker",
             pool_size=threads,
         )
-    worker = StopWorker(dispatcher, threads=threads, tidy_nonces=True)
+    settings = ext["manager.settings"]
+    pruning = Pruning(ext["manager.engine"], settings.delivery_retention_days)
+    worker = StopWorker(dispatcher, threads=threads, tidy_nonces=True, pruning=pruning)
     try:
         if once:
             click.echo(f"{worker.run_once()} attempts made")

@@ -27,11 +27,15 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from sqlalchemy import Engine
+
 from manager.callbacks.nonces import prune_nonces
+from manager.callbacks.retention import Pruned, prune
 from manager.clock import utcnow
 from manager.config import MAX_CALLBACK_MAX_AGE
 from manager.db import write_transaction
-from manager.metrics import count_restop
+from manager.metrics import count_pruned, count_restop
+from manager.reports.rollups import fill as fill_delivery_hours
 from manager.stops.claims import claim_due, release
 from manager.stops.dispatch import Dispatcher, send_on_unit
 from manager.stops.ratelimit import Grant, unit_calls
@@ -62,6 +66,12 @@ IDLE_RETURN = 0.5
 # After asking for units and getting none, wait this long before asking again.
 ACQUIRE_BACKOFF = 0.25
 TIDY_EVERY = 5.0
+# Old deliveries are pruned in passes of at most PRUNE_BATCHES batches, PRUNE_PAUSE
+# seconds apart, in a thread of their own so that stops never wait for them; a pass that
+# did not reach the cutoff is followed by the next at once, else after PRUNE_EVERY.
+PRUNE_EVERY = 60.0
+PRUNE_BATCHES = 50
+PRUNE_PAUSE = 0.5
 
 
 @dataclass(frozen=True)
@@ -82,6 +92,43 @@ class Sent:
     sent: bool
 
 
+@dataclass
+class Pruning:
+    """The worker's share of DELIVERY_RETENTION_DAYS: passes of manager.callbacks.retention."""
+
+    engine: Engine
+    retention_days: int
+    batches: int = PRUNE_BATCHES
+    pause: float = PRUNE_PAUSE
+    resume_after: int = 0  # where the last pass stopped; only saves a rescan
+
+    def run_pass(self) -> Pruned:
+        now = utcnow()
+        # A delivery is deleted only once its hour is in delivery_hours: count them first.
+        fill_delivery_hours(self.engine, now)
+        pruned = prune(
+            self.engine,
+            now=now,
+            retention_days=self.retention_days,
+            max_batches=self.batches,
+            pause=self.pause,
+            after_id=self.resume_after,
+        )
+        self.resume_after = pruned.resume_after
+        count_pruned(pruned.bodies, pruned.deliveries, pruned.tasks)
+        if pruned.bodies or pruned.deliveries or pruned.tasks:
+            log.info(
+                "pruned deliveries older than %d days: %d bodies dropped, %d deliveries"
+                " deleted, %d task histories folded into their last run",
+                self.retention_days,
+                pruned.bodies,
+                pruned.deliveries,
+                pruned.tasks,
+                extra={"batches": pruned.batches},
+            )
+        return pruned
+
+
 class StopWorker:
     """Claims due stop requests and sends each as soon as a leased unit of the rate allows."""
 
@@ -93,6 +140,7 @@ class StopWorker:
         *,
         patience: float = PATIENCE,
         tidy_nonces: bool = False,
+        pruning: Pruning | None = None,
     ) -> None:
         self.dispatcher = dispatcher
         self.share = dispatcher.limiter
@@ -102,6 +150,7 @@ class StopWorker:
         # process of its own CALLBACK_MAX_AGE must not prune pairs another one still
         # treats as fresh.
         self.tidy_nonces = tidy_nonces
+        self.pruning = pruning
         self._units_total = len(unit_calls(self.share.rate))
         self._pending: deque[Waiting] = deque()
         self._changed = threading.Condition()
@@ -259,8 +308,11 @@ class StopWorker:
         return self.record(force=not self.busy())
 
     def run_once(self) -> int:
-        """Tidy up, then claim one batch and send it; returns attempts recorded."""
+        """Tidy up (and prune, one pass), then claim one batch and send it; returns
+        attempts recorded."""
         self.tidy()
+        if self.pruning is not None:
+            self.pruning.run_pass()
         self.claim(self.batch)
         made = 0
         while self.busy():
@@ -277,6 +329,8 @@ class StopWorker:
             threading.Thread(target=self._keep, args=(stop,), name="stop-keeper"),
             threading.Thread(target=self._record_all, args=(stop,), name="stop-recorder"),
         ]
+        if self.pruning is not None:
+            helpers.append(threading.Thread(target=self._prune_all, args=(stop,), name="pruner"))
         for thread in helpers:
             thread.start()
         last_tidy = -math.inf
@@ -311,6 +365,18 @@ class StopWorker:
             except Exception:  # kept, and tried again on the next pass
                 log.exception("recording answers failed")
                 stop.wait(RECORD_EVERY)
+
+    def _prune_all(self, stop: threading.Event) -> None:
+        assert self.pruning is not None  # noqa: S101 - started only with one
+        while not stop.is_set():
+            try:
+                pruned = self.pruning.run_pass()
+                # Again at once only while there is more and no other process prunes.
+                more = not pruned.done and not pruned.busy
+            except Exception:  # tried again on the next pass; nothing half-done stays
+                log.exception("pruning old deliveries failed")
+                more = False
+            stop.wait(PRUNE_PAUSE if more else PRUNE_EVERY)
 
     def drain(self) -> None:
         """Stop pacing, record every answer, and give back what was not sent."""

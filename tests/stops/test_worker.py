@@ -9,23 +9,25 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
+from datetime import timedelta
 
 import pytest
 from flask import Flask
-from flask.testing import FlaskClient
+from flask.testing import FlaskClient, FlaskCliRunner
 from prometheus_client import REGISTRY
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from manager import create_app, dispose_engines
 from manager.config import Settings
-from manager.models import StopAttempt, StopRequest
+from manager.models import Delivery, StopAttempt, StopRequest, Task
 from manager.stops.dispatch import Dispatcher, make_dispatcher, send_on_unit
 from manager.stops.ratelimit import RateShare, unit_calls
 from manager.stops.requests import Job
 from manager.stops.worker import StopWorker
 from manager.zego.fake_server import FakeServer
 
+from ..callbacks.test_retention import age, stop_and_start
 from ..conftest import callback
 from ..live import free_port
 
@@ -218,3 +220,27 @@ def test_a_zegocloud_that_cannot_be_reached_shows_in_the_stop_the_log_and_the_me
     assert waits("zego_unreachable") == before + 1
     assert any("ZEGOCLOUD not reached" in r.getMessage() for r in caplog.records)
     assert 'manager_stop_requests_queued{wait_reason="zego_unreachable"} 1.0' in metrics
+
+
+def test_the_worker_prunes_deliveries_past_the_retention(
+    app: Flask,
+    client: FlaskClient,
+    runner: FlaskCliRunner,
+    db: Session,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`manager worker` (one pass here) prunes with DELIVERY_RETENTION_DAYS (default 90):
+    an old, ended task's events go, a recent one's stay; logged and counted."""
+    stop_and_start(client, "old-1")
+    stop_and_start(client, "new-1")
+    age(db, ["old-1"], timedelta(days=200))
+    before = REGISTRY.get_sample_value("manager_deliveries_pruned_total", {"what": "deliveries"})
+    caplog.set_level(logging.INFO)
+    result = runner.invoke(args=["worker", "--once"])
+    assert result.exit_code == 0, result.output
+    db.rollback()
+    left = Counter(db.execute(select(Task.task_id).join(Delivery)).scalars())
+    assert left == {"new-1": 3}
+    after = REGISTRY.get_sample_value("manager_deliveries_pruned_total", {"what": "deliveries"})
+    assert (after or 0) - (before or 0) == 3
+    assert any("pruned deliveries older than 90 days" in r.getMessage() for r in caplog.records)
