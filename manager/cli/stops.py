@@ -15,6 +15,7 @@ from manager.cli.errors import domain_errors
 from manager.logs import configure as configure_logs
 from manager.logs import resolve_format
 from manager.metrics import serve_metrics
+from manager.reports.rollups import fill as fill_hours
 from manager.services import get_dispatcher
 from manager.stops.dispatch import make_dispatcher, stop_task_now
 from manager.stops.requests import WAIT_REASON_TEXT
@@ -86,7 +87,7 @@ def worker_command(once: bool, threads: int, metrics_port: int | None, metrics_h
             pool_size=threads,
         )
     settings = ext["manager.settings"]
-    pruning = Pruning(ext["manager.engine"], settings.delivery_retention_days)
+    pruning = Pruning(ext["manager.engine"], settings.delivery_retention_days, fill_hours)
     worker = StopWorker(dispatcher, threads=threads, tidy_nonces=True, pruning=pruning)
     try:
         if once:

@@ -24,8 +24,10 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import Engine
 
@@ -35,7 +37,6 @@ from manager.clock import utcnow
 from manager.config import MAX_CALLBACK_MAX_AGE
 from manager.db import write_transaction
 from manager.metrics import count_pruned, count_restop
-from manager.reports.rollups import fill as fill_delivery_hours
 from manager.stops.claims import claim_due, release
 from manager.stops.dispatch import Dispatcher, send_on_unit
 from manager.stops.ratelimit import Grant, unit_calls
@@ -98,6 +99,9 @@ class Pruning:
 
     engine: Engine
     retention_days: int
+    # Writes delivery_hours up to `now` (manager.reports.rollups.fill, passed in by the
+    # edge that builds the worker: the reports sit above this domain).
+    count_hours: Callable[[Engine, datetime], object]
     batches: int = PRUNE_BATCHES
     pause: float = PRUNE_PAUSE
     resume_after: int = 0  # where the last pass stopped; only saves a rescan
@@ -105,7 +109,7 @@ class Pruning:
     def run_pass(self) -> Pruned:
         now = utcnow()
         # A delivery is deleted only once its hour is in delivery_hours: count them first.
-        fill_delivery_hours(self.engine, now)
+        self.count_hours(self.engine, now)
         pruned = prune(
             self.engine,
             now=now,
