@@ -55,10 +55,6 @@ def bind_request_id(request_id: str) -> Iterator[None]:
         _request_id.reset(token)
 
 
-def current_request_id() -> str | None:
-    return _request_id.get()
-
-
 class ContextFilter(logging.Filter):
     """Puts the request's id on each record logged while it is bound."""
 

@@ -181,25 +181,26 @@ class DatabaseGauges(Collector):
             yield family
 
 
+def _process_registry() -> CollectorRegistry:
+    """This process's series, summed over every process sharing PROMETHEUS_MULTIPROC_DIR
+    when it is set (gunicorn's workers, a worker on the same host)."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return REGISTRY
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return registry
+
+
 def serve_metrics(port: int, host: str) -> None:
-    """Serve this process's metrics (aggregated over PROMETHEUS_MULTIPROC_DIR when set)
-    over HTTP from a daemon thread: a worker's own /metrics."""
-    registry = REGISTRY
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-    start_http_server(port, host, registry)
+    """Serve this process's metrics over HTTP from a daemon thread: a worker's own
+    /metrics."""
+    start_http_server(port, host, _process_registry())
 
 
 def render(gauges: Sequence[DatabaseGauge] = ()) -> tuple[bytes, str]:
-    """The exposition text, aggregated over all workers when PROMETHEUS_MULTIPROC_DIR is
-    set, followed by the `gauges` read from the database."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        body = generate_latest(registry)
-    else:
-        body = generate_latest()
+    """The exposition text of this process's series, followed by the `gauges` read from
+    the database."""
+    body = generate_latest(_process_registry())
     if gauges:
         database = CollectorRegistry()
         database.register(DatabaseGauges(gauges))

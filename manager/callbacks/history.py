@@ -74,6 +74,10 @@ class Mark:
     start_seen: bool
     events_before: datetime
 
+    def keeps(self, at: datetime) -> bool:
+        """Whether an event received (or a stop accepted) at `at` is still recorded."""
+        return at >= self.events_before
+
 
 @dataclass(frozen=True)
 class Change:
@@ -145,7 +149,7 @@ def refold(conn: Connection, task: TaskState, event: Event | None = None) -> Cha
     pruned task, of the events since, after the run that stands in for the rest."""
     row = conn.execute(_PRUNED_OF, {"task_pk": task.id}).first()
     mark = None if row is None else Mark(*row)
-    events = load_events(conn, task.id, since=None if mark is None else mark.events_before)
+    events = load_events(conn, task.id, mark)
     if event is not None:
         events.append(event)
     if mark is None:
@@ -209,18 +213,18 @@ def _task_fields(h: History) -> tuple[Any, ...]:
     )
 
 
-def load_events(conn: Connection, task_pk: int, since: datetime | None = None) -> list[Event]:
+def load_events(conn: Connection, task_pk: int, mark: Mark | None = None) -> list[Event]:
     """The task's recorded events: non-duplicate verified callbacks, accepted stops;
-    with `since` (a pruned task's events_before), only those received or accepted since."""
+    of a pruned task (its `mark`), only those the pruning kept."""
     events = [
         delivery_event(row)
         for row in conn.execute(_EVENTS_OF, {"task_pk": task_pk})
-        if since is None or row.received_at >= since
+        if mark is None or mark.keeps(row.received_at)
     ]
     events.extend(
         accepted_stop_event(row)
         for row in conn.execute(_ACCEPTED_STOPS_OF, {"task_pk": task_pk})
-        if since is None or row.attempted_at >= since
+        if mark is None or mark.keeps(row.attempted_at)
     )
     return events
 

@@ -153,7 +153,7 @@ def _events_between(
 
 def _since_pruned(marks: dict[int, Mark], task_pk: int, at: datetime) -> bool:
     mark = marks.get(task_pk)
-    return mark is None or at >= mark.events_before
+    return mark is None or mark.keeps(at)
 
 
 def _runs_between(conn: Connection, low: int, high: int) -> dict[int, list[Any]]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
 from flask import Blueprint, Flask, Response, current_app, request
@@ -35,6 +35,7 @@ from manager.db import write_connection, write_then_read
 from manager.metrics import CALLBACK_LATENCY, count_database_error, count_delivery, count_fold
 from manager.models import Delivery
 from manager.vocabulary import Verdict
+from manager.web.edges import StartResponse, WsgiApp
 from manager.web.errors import error_body, http_error_parts, status_for
 from manager.web.openapi import Answer, documented, json_answer
 from manager.zego.callbacks import (
@@ -84,9 +85,6 @@ PATHS: Mapping[str, str | None] = {
     f"/callbacks/zego/{EVENT_START}": EVENT_START,
     f"/callbacks/zego/{EVENT_STOP}": EVENT_STOP,
 }
-
-StartResponse = Callable[..., Any]
-WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 
 _CALLBACK_ANSWERS: dict[int, Answer] = {
