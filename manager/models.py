@@ -19,6 +19,7 @@ from sqlalchemy import (
     LargeBinary,
     SmallInteger,
     String,
+    Text,
     UniqueConstraint,
     false,
     text,
@@ -26,7 +27,15 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, mapped_column
 
 from manager.db import Base
-from manager.vocabulary import StopState, TaskStatus, Verdict, WaitReason, values
+from manager.vocabulary import (
+    EventType,
+    SendState,
+    StopState,
+    TaskStatus,
+    Verdict,
+    WaitReason,
+    values,
+)
 from manager.zego.client import Outcome
 
 TASK_STATUSES = values(TaskStatus)
@@ -34,6 +43,8 @@ STOP_STATES = values(StopState)
 WAIT_REASONS = values(WaitReason)
 ATTEMPT_OUTCOMES = values(Outcome)
 VERDICTS = values(Verdict)
+EVENT_TYPES = values(EventType)
+SEND_STATES = values(SendState)
 
 
 def _in(column: str, values: tuple[str, ...]) -> str:
@@ -97,6 +108,9 @@ class Task(Base):
     first_seen_at: Mapped[datetime] = mapped_column(DateTime)
     updated_at: Mapped[datetime] = mapped_column(DateTime)
     last_delivery_at: Mapped[datetime | None] = mapped_column(DateTime)
+    # The version of its latest outbound event (manager/callbacks/outbound.py): one more
+    # for each event its changes emitted, so it only grows.
+    version: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
 
 
 class Delivery(Base):
@@ -359,3 +373,116 @@ class TaskRun(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime)
     ended_at: Mapped[datetime | None] = mapped_column(DateTime)
     stop_reason: Mapped[int | None] = mapped_column(SmallInteger)
+
+
+class Subscription(Base):
+    """A receiver of the tasks' outbound events (manager/events/).
+
+    Its signing secret is kept encrypted (Fernet, under SUBSCRIPTION_KEY): it must sign,
+    so it cannot be hashed. `event_types` is None for every type, else the types between
+    commas (",task.stopped,run.ended,"), so that one LIKE matches on any backend.
+    """
+
+    __tablename__ = "subscriptions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    url: Mapped[str] = mapped_column(String(2048))
+    event_types: Mapped[str | None] = mapped_column(String(512))
+    owner: Mapped[str | None] = mapped_column(String(256))
+    secret_encrypted: Mapped[str] = mapped_column(String(512))
+    # After a rotation the old secret signs too, until then, so receivers can switch.
+    previous_secret_encrypted: Mapped[str | None] = mapped_column(String(512))
+    previous_secret_until: Mapped[datetime | None] = mapped_column(DateTime)
+    description: Mapped[str | None] = mapped_column(String(500))
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    disabled_at: Mapped[datetime | None] = mapped_column(DateTime)
+    disabled_reason: Mapped[str | None] = mapped_column(String(500))
+    # Since when every attempt has failed (None after a success): 3 days disable it.
+    failing_since: Mapped[datetime | None] = mapped_column(DateTime)
+    last_success_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class Event(Base):
+    """One outbound event: a task's change, its type, and the exact body sent.
+
+    Written in the transaction that changes the task, and only when some subscription
+    takes it. `version` is the task's version after it (tasks.version).
+    """
+
+    __tablename__ = "events"
+    __table_args__ = (
+        CheckConstraint(_in("type", EVENT_TYPES), name="type"),
+        UniqueConstraint("task_pk", "version"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    task_pk: Mapped[int] = mapped_column(ForeignKey("tasks.id", ondelete="CASCADE"))
+    version: Mapped[int] = mapped_column(BigInteger)
+    type: Mapped[str] = mapped_column(String(32))
+    body: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class EventSend(Base):
+    """One event for one subscription: the outbox row the worker sends from.
+
+    A pending row is sent once no earlier version of its task is pending for its
+    subscription (the head of the line), under a lease (`claimed_until`).
+    """
+
+    __tablename__ = "event_sends"
+    __table_args__ = (
+        CheckConstraint(_in("state", SEND_STATES), name="state"),
+        UniqueConstraint("subscription_id", "event_id"),
+        # What is due, and the head of each (subscription, task) line: pending rows only.
+        Index(
+            "ix_event_sends_pending_due",
+            "next_attempt_at",
+            sqlite_where=text("state = 'pending'"),
+            postgresql_where=text("state = 'pending'"),
+        ),
+        Index(
+            "ix_event_sends_pending_line",
+            "subscription_id",
+            "task_pk",
+            "version",
+            sqlite_where=text("state = 'pending'"),
+            postgresql_where=text("state = 'pending'"),
+        ),
+        Index("ix_event_sends_event_id", "event_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    subscription_id: Mapped[int] = mapped_column(ForeignKey("subscriptions.id", ondelete="CASCADE"))
+    event_id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), ForeignKey("events.id", ondelete="CASCADE")
+    )
+    task_pk: Mapped[int] = mapped_column(Integer)
+    version: Mapped[int] = mapped_column(BigInteger)
+    state: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime)
+    claimed_until: Mapped[datetime | None] = mapped_column(DateTime)
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime)
+    # When an operator last asked for it to be sent again (a replay).
+    replayed_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class EventAttempt(Base):
+    """One POST of an event to a subscription, and what came back: the delivery log."""
+
+    __tablename__ = "event_attempts"
+    __table_args__ = (Index("ix_event_attempts_send_id", "send_id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    send_id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"),
+        ForeignKey("event_sends.id", ondelete="CASCADE"),
+    )
+    attempted_at: Mapped[datetime] = mapped_column(DateTime)
+    # The HTTP status, or None with `error` when no answer came.
+    status: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(String(256))
+    answer: Mapped[str | None] = mapped_column(String(512))  # the answer's first bytes
+    elapsed_ms: Mapped[int] = mapped_column(Integer)

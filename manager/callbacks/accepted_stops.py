@@ -22,6 +22,8 @@ from manager.callbacks.history import (
     extended,
     history_of,
 )
+from manager.callbacks.outbound import Emitted, pass_on
+from manager.callbacks.outbox import write_outbox
 from manager.callbacks.rules import Event, Rank, extend
 from manager.callbacks.task_rows import (
     UPSERT_RUN,
@@ -52,34 +54,41 @@ def apply_accepted_stops(
     tasks = [TaskState(*row) for row in conn.execute(_LOCK_TASKS, {"task_pks": sorted(latest)})]
     written: list[dict[str, Any]] = []
     runs: list[dict[str, Any]] = []
+    events: list[tuple[int, str | None, list[Emitted]]] = []
     for task in tasks:
         event = Event(Rank.STOP_REQUEST, latest[task.id], at)
         after = extend(history_of(task), event)
         if after is None:  # the whole history decides: one task at a time
             change = advance(conn, task, event, stored=True)
             if change.changed:
-                write_back(conn, _stop_fields(task, change, latest[task.id], at), change)
+                _stop_fields(task, change, latest[task.id], at)
+                write_back(conn, task, change, pass_on(task, change, at=at), at=at)
             continue
         change = extended(history_of(task), after)
         if change.owner_changed:  # not from a stop, which names no owner; but if so
-            write_back(conn, _stop_fields(task, change, latest[task.id], at), change)
+            _stop_fields(task, change, latest[task.id], at)
+            write_back(conn, task, change, pass_on(task, change, at=at), at=at)
         elif change.changed:
-            written.append(task_values(_stop_fields(task, change, latest[task.id], at), change))
+            _stop_fields(task, change, latest[task.id], at)
+            events.append((task.id, change.history.owner, pass_on(task, change, at=at)))
+            written.append(task_values(task, change))
             runs += run_rows(task.id, change)
     if written:
         conn.execute(WRITE_BACK_TASK, written)
     if runs:
         conn.execute(UPSERT_RUN[conn.dialect.name], runs)
+    for task_pk, owner, emitted in events:
+        write_outbox(conn, task_pk, owner, emitted, at)
     return len(written)
 
 
-def _stop_fields(task: TaskState, change: Change, sequence: int, at: datetime) -> TaskState:
+def _stop_fields(task: TaskState, change: Change, sequence: int, at: datetime) -> None:
+    """The task's registers outside the fold, moved on by an accepted stop."""
     if change.history.status != task.status:
         # A re-stop of a task already stopping leaves when it became stopping,
         # which the stuck report shows and the re-stops wait from.
         task.updated_at = at
     task.max_seq = max(task.max_seq, sequence)
-    return task
 
 
 _TASKS = cast(Table, Task.__table__)

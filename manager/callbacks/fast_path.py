@@ -31,11 +31,13 @@ from manager.callbacks.history import (
     extended,
     history_of,
 )
+from manager.callbacks.outbound import Emitted, pass_on
 from manager.callbacks.pg_statements import (
     PG_CREATE_TASK,
     PG_GUARDED_WRITE,
     PG_READ_TASK,
     pg_values,
+    variant,
 )
 from manager.callbacks.rules import NO_POSITION, TaskStatus, extend
 from manager.sqlutil import driver_execute
@@ -88,23 +90,25 @@ def apply_optimistically(
         return None
     change = extended(before, after)
     verdict, reason, details = settle(task, cb, change, received_at)
+    emitted = pass_on(task, change, at=received_at, details=details)
     delivery = delivery_row(
         cb, task.id, raw_body, body_size, received_at, remote_addr, verdict, reason
     )
     delivery["event_key"] = cb.event_key()
-    values = pg_values(task, change, delivery, details)
-    values.update(nonce_claim(cb, received_at, cb.body_digest()), version=version)
-    written = _write_if_unchanged(conn, change, values)
+    values = pg_values(task, change, delivery, details, emitted)
+    values.update(nonce_claim(cb, received_at, cb.body_digest()), row_version=version)
+    written = _write_if_unchanged(conn, change, emitted, values)
     if written is None:
         return None
     return Outcome(verdict, reason, task.id, written[0], refolded=False)
 
 
-def _write_if_unchanged(conn: Connection, change: Change, values: dict[str, Any]) -> Any:
+def _write_if_unchanged(
+    conn: Connection, change: Change, emitted: list[Emitted], values: dict[str, Any]
+) -> Any:
     """PG_GUARDED_WRITE's row (the delivery's id), or None, having written nothing."""
-    variant = (bool(change.runs), change.owner_changed, change.full)
     try:
-        return driver_execute(conn, PG_GUARDED_WRITE[variant], values)
+        return driver_execute(conn, PG_GUARDED_WRITE[variant(change, emitted)], values)
     except DBAPIError as exc:
         if getattr(exc.orig, "sqlstate", None) == UNIQUE_VIOLATION:
             return None
@@ -132,11 +136,13 @@ def create_task(
     task = _new_task(cb, received_at)
     change = advance(conn, task, event_of(cb), stored=False)  # extends: reads nothing
     details = newer_details(task, cb)
+    emitted = pass_on(task, change, at=received_at, details=details)
     delivery = delivery_row(
         cb, 0, raw_body, body_size, received_at, remote_addr, Verdict.APPLIED, None
     )
     delivery["event_key"] = cb.event_key()
-    values = pg_values(task, change, delivery, details)  # task_pk: the new row's id, in SQL
+    # task_pk: the new row's id, in SQL
+    values = pg_values(task, change, delivery, details, emitted)
     values.update(
         nonce_claim(cb, received_at, cb.body_digest()),
         app_id=cb.app_id,
@@ -173,4 +179,9 @@ def _new_task(cb: Callback, received_at: datetime) -> TaskState:
         ended_at=None,
         updated_at=received_at,
         last_delivery_at=received_at,
+        app_id=cb.app_id,
+        task_id=cb.task_id,
+        input=None,
+        outputs=None,
+        version=0,
     )

@@ -64,6 +64,13 @@ class TaskState:
     ended_at: datetime | None
     updated_at: datetime
     last_delivery_at: datetime | None
+    # Read for the outbound events (manager/callbacks/outbound.py), which carry the
+    # task's snapshot; only `version` is written back with the fold's columns.
+    app_id: int
+    task_id: str
+    input: Any
+    outputs: Any
+    version: int
 
 
 @dataclass(frozen=True)
@@ -88,6 +95,9 @@ class Change:
     runs: list[tuple[int, Run]]  # (run_no, run) to insert or replace
     owner_changed: bool
     full: bool  # refolded: runs above history.run_count are to be deleted
+    # A run that had ended changed (its times or how it ended), or went: the history
+    # already told is not what it was (the outbound events say so: task.revised).
+    rewrote: bool = False
 
 
 def utc_from_timestamp(ts: int) -> datetime:
@@ -167,7 +177,13 @@ def extended(before: History, after: History) -> Change:
     ]
     owner_changed = after.owner != before.owner
     changed = bool(runs) or owner_changed or _task_fields(after) != _task_fields(before)
-    return Change(after, changed, runs, owner_changed, full=False)
+    last = before.last_run
+    rewrote = (
+        last is not None
+        and last.ended_at is not None
+        and any(number == before.run_count for number, _ in runs)
+    )
+    return Change(after, changed, runs, owner_changed, full=False, rewrote=rewrote)
 
 
 def compare(conn: Connection, task: TaskState, after: History) -> Change:
@@ -179,10 +195,13 @@ def diff(task: TaskState, stored: Sequence[Any], after: History) -> Change:
     """A whole fold against the task's row and its stored runs (rows of run_no, owner,
     started_at, ended_at, stop_reason, in run_no order)."""
     runs = []
+    rewrote = len(stored) > after.run_count
     for number, run in enumerate(after.runs, start=1):
         old = stored[number - 1] if number <= len(stored) else None
         if old is None or old.owner != after.owner or not run.same_as(stored_run(old)):
             runs.append((number, run))
+        if old is not None and old.ended_at is not None and not run.same_as(stored_run(old)):
+            rewrote = True
     before = history_of(task)
     changed = (
         bool(runs)
@@ -190,7 +209,7 @@ def diff(task: TaskState, stored: Sequence[Any], after: History) -> Change:
         or after.owner != before.owner
         or _task_fields(after) != _task_fields(before)
     )
-    return Change(after, changed, runs, owner_changed=False, full=True)
+    return Change(after, changed, runs, owner_changed=False, full=True, rewrote=rewrote)
 
 
 def stored_run(row: Any) -> Run:
@@ -287,6 +306,7 @@ def fold_pruned(
         [(number + offset, run) for number, run in change.runs],
         owner_changed=owner_changed,
         full=True,
+        rewrote=change.rewrote,
     )
 
 

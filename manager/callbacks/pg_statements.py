@@ -15,6 +15,7 @@ statement.
 
 from __future__ import annotations
 
+import itertools
 import json
 from datetime import datetime
 from typing import Any
@@ -23,19 +24,29 @@ from psycopg.types.json import Json
 
 from manager.callbacks.deliveries import DELIVERY_COLUMNS, Details
 from manager.callbacks.history import STATE_FIELDS, Change, TaskState
+from manager.callbacks.outbound import Emitted
+from manager.callbacks.outbox import outbox_values, pg_outbox_parts
 from manager.callbacks.task_rows import NEW_TASK, WRITTEN, task_values
 
 # The delivery's values in a statement that also writes the task back, whose status
 # and stop_reason are other values under the same names.
 _DELIVERY_PREFIX = "delivery_"
+# (runs written, owners changed, runs trimmed, events emitted): each statement comes in
+# one variant per combination, holding only the parts it needs.
+Variant = tuple[bool, bool, bool, bool]
 
 
 def pg_values(
-    task: TaskState, change: Change, delivery: dict[str, Any], details: Details | None
+    task: TaskState,
+    change: Change,
+    delivery: dict[str, Any],
+    details: Details | None,
+    emitted: list[Emitted],
 ) -> dict[str, Any]:
     """The parameters of PG_RECORD_AND_WRITE_BACK, PG_GUARDED_WRITE and PG_CREATE_TASK."""
     values = {_DELIVERY_PREFIX + name: value for name, value in delivery.items()}
     values.update(task_values(task, change))
+    values.update(outbox_values(emitted, delivery["received_at"]))
     values.update(
         new_details=details is not None,
         input=None if details is None else pg_json(details[0]),
@@ -139,7 +150,12 @@ _DUPLICATE_VALUES = ", ".join(
 )
 
 
-def _pg_record_and_write_back(runs: bool, owners: bool, trim: bool) -> str:
+def variant(change: Change, emitted: list[Emitted]) -> Variant:
+    """Which of a statement's variants writes this change and its events."""
+    return (bool(change.runs), change.owner_changed, change.full, bool(emitted))
+
+
+def _pg_record_and_write_back(runs: bool, owners: bool, trim: bool, events: bool) -> str:
     """The statement, with only the parts a change needs: PostgreSQL runs every part of
     a statement, even those whose condition is false."""
     parts = [
@@ -153,6 +169,7 @@ def _pg_record_and_write_back(runs: bool, owners: bool, trim: bool) -> str:
         WHERE id = %(task_pk)s AND EXISTS (SELECT FROM d)
     )""",  # noqa: S608 - column names from the model, values bound
         *_run_parts(runs, owners, trim),
+        *(pg_outbox_parts("%(task_pk)s::integer", "EXISTS (SELECT FROM d)") if events else []),
         f"""dup AS (
         INSERT INTO deliveries ({", ".join(DELIVERY_COLUMNS)})
         SELECT {_DUPLICATE_VALUES} WHERE NOT EXISTS (SELECT FROM d)
@@ -165,7 +182,7 @@ def _pg_record_and_write_back(runs: bool, owners: bool, trim: bool) -> str:
     return f"WITH {', '.join(parts)} SELECT (SELECT id FROM d), (SELECT id FROM dup)"  # noqa: S608
 
 
-def _pg_guarded_write(runs: bool, owners: bool, trim: bool) -> str:
+def _pg_guarded_write(runs: bool, owners: bool, trim: bool, events: bool) -> str:
     """apply_optimistically's one statement: write the task back only if it is still the
     row version the rules read, then claim the nonce and record the delivery, with
     plain INSERTs that fail the statement (undoing it) on a nonce seen or an event key
@@ -173,7 +190,7 @@ def _pg_guarded_write(runs: bool, owners: bool, trim: bool) -> str:
     parts = [
         f"""u AS (
         UPDATE tasks SET {_TASK_SET}
-        WHERE id = %(task_pk)s AND xmin = %(version)s::text::xid
+        WHERE id = %(task_pk)s AND xmin = %(row_version)s::text::xid
         RETURNING id
     ), {_claim_nonce_cte("u", or_fail=True)}, d AS (
         INSERT INTO deliveries ({", ".join(DELIVERY_COLUMNS)})
@@ -182,6 +199,7 @@ def _pg_guarded_write(runs: bool, owners: bool, trim: bool) -> str:
         RETURNING id
     )""",  # noqa: S608 - column names from the model, values bound
         *_run_parts(runs, owners, trim),
+        *(pg_outbox_parts("%(task_pk)s::integer", "EXISTS (SELECT FROM d)") if events else []),
     ]
     return f"WITH {', '.join(parts)} SELECT id FROM d"  # noqa: S608
 
@@ -220,7 +238,7 @@ def _run_parts(runs: bool, owners: bool, trim: bool) -> list[str]:
 _TASK_SET = f"""{_set_clause(WRITTEN)},
             input = CASE WHEN %(new_details)s THEN %(input)s::json ELSE input END,
             outputs = CASE WHEN %(new_details)s THEN %(outputs)s::json ELSE outputs END"""
-_VARIANTS = [(r, o, t) for r in (False, True) for o in (False, True) for t in (False, True)]
+_VARIANTS = list(itertools.product((False, True), repeat=4))
 PG_GUARDED_WRITE = {variant: _pg_guarded_write(*variant) for variant in _VARIANTS}
 PG_READ_TASK = f"""
     SELECT {_TASK_COLUMNS}, t.xmin::text FROM tasks AS t
@@ -232,7 +250,7 @@ PG_RECORD_AND_WRITE_BACK = {variant: _pg_record_and_write_back(*variant) for var
 
 # A new task's first TranscodeStarted, in one statement (create_task). Plain INSERTs:
 # a task, nonce or event key already there fails the statement on its unique key.
-PG_CREATE_TASK = f"""
+_CREATE_TASK_HEAD = f"""
     WITH t AS (
         INSERT INTO tasks (app_id, task_id, first_seen_at, input, outputs, {", ".join(WRITTEN)})
         VALUES (%(app_id)s, %(task_id)s, %(first_seen_at)s, %(input)s::json, %(outputs)s::json,
@@ -251,6 +269,10 @@ PG_CREATE_TASK = f"""
     ), run AS (
         INSERT INTO task_runs (task_pk, run_no, owner, started_at)
         SELECT t.id, 1, %(owner)s::varchar, %(started_at)s::timestamp FROM t, d
-    )
-    SELECT t.id, d.id FROM t, d
-"""  # noqa: S608 - column names from the model, values bound
+    )"""  # noqa: S608 - column names from the model, values bound
+# A task's first start always emits its task.started.
+_CREATE_TASK_PARTS = [
+    _CREATE_TASK_HEAD,
+    *pg_outbox_parts("(SELECT id FROM t)", "EXISTS (SELECT FROM d)"),
+]
+PG_CREATE_TASK = f"{', '.join(_CREATE_TASK_PARTS)} SELECT t.id, d.id FROM t, d"  # noqa: S608

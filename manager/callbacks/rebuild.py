@@ -35,6 +35,7 @@ from manager.callbacks.history import (
     fold_pruned,
     stored_run,
 )
+from manager.callbacks.outbound import pass_on as events_of
 from manager.callbacks.rules import Event, History, Run, fold
 from manager.callbacks.task_rows import write_back
 from manager.models import Delivery, PrunedHistory, RunDay, StopRequest, Task, TaskRun
@@ -65,15 +66,17 @@ def rebuild(
     dry_run: bool = False,
     now: datetime,
     batch: int = BATCH,
+    pass_on: bool = True,
 ) -> Iterator[list[Rebuilt]]:
     """Each batch's changed tasks, once written (unless `dry_run`); the caller may commit
     between batches. After a change, daily's cache of final days (run_days) is emptied,
-    since the runs it was worked out from have changed."""
+    since the runs it was worked out from have changed. With `pass_on`, each change
+    emits its events (manager/callbacks/outbound.py), as any change of a task does."""
     after_pk = 0
     changed_any = False
     pruning = _knows_pruning(conn)
     while True:
-        query = TASK_STATE.add_columns(Task.task_id).where(Task.id > after_pk)
+        query = TASK_STATE.where(Task.id > after_pk)
         if task_id is not None:
             query = query.where(Task.task_id == task_id)
         query = query.order_by(Task.id).limit(batch)
@@ -90,7 +93,7 @@ def rebuild(
 
         changed = []
         for row in rows:
-            task = TaskState(*tuple(row)[:-1])
+            task = TaskState(*row)
             stored = runs[task.id]
             if task.id in marks:
                 change = fold_pruned(task, stored, events[task.id], marks[task.id])
@@ -101,7 +104,8 @@ def rebuild(
             before = _figures(task.status, [stored_run(r) for r in stored], now)
             changed.append(Rebuilt(row.task_id, before, _figures_of(change.history, stored, now)))
             if not dry_run:
-                write_back(conn, task, change)
+                emitted = events_of(task, change, at=now) if pass_on else []
+                write_back(conn, task, change, emitted, at=now)
         if changed:
             changed_any = True
         yield changed

@@ -61,11 +61,13 @@ from manager.callbacks.history import (
     advance,
     event_of,
 )
+from manager.callbacks.outbound import Emitted, pass_on
 from manager.callbacks.pg_statements import (
     PG_CLAIM_AND_LOCK,
     PG_LOCK_AND_CLAIM,
     PG_RECORD_AND_WRITE_BACK,
     pg_values,
+    variant,
 )
 from manager.callbacks.task_rows import NEW_TASK, write_back
 from manager.models import Task
@@ -111,6 +113,7 @@ def apply_callback(
     event = event_of(cb)
     change = advance(conn, task, event, stored=False)
     verdict, reason, details = settle(task, cb, change, received_at)
+    emitted = pass_on(task, change, at=received_at, details=details)
     key = cb.event_key()
     # Only a refold can meet a failure of the same key (see another_failure).
     if change.full and event.is_failure and another_failure(conn, task.id, cb):
@@ -125,8 +128,8 @@ def apply_callback(
         return Outcome(Verdict.DUPLICATE, "same_event", task.id, duplicate_id)
 
     if postgres:
-        return _record_and_write_back_pg(conn, task, change, delivery, details, outcome)
-    return _record_and_write_back(conn, task, change, delivery, details, outcome)
+        return _record_and_write_back_pg(conn, task, change, emitted, delivery, details, outcome)
+    return _record_and_write_back(conn, task, change, emitted, delivery, details, outcome)
 
 
 def _lock_task_and_claim_nonce(
@@ -154,14 +157,15 @@ def _record_and_write_back_pg(
     conn: Connection,
     task: TaskState,
     change: Change,
+    emitted: list[Emitted],
     delivery: dict[str, Any],
     details: Details | None,
     outcome: Reader,
 ) -> Callable[[], Outcome]:
     """One statement, sent now and answered with the COMMIT (see PG_RECORD_AND_WRITE_BACK)."""
-    values = pg_values(task, change, delivery, details)
-    variant = (bool(change.runs), change.owner_changed, change.full)
-    cursor = driver_send(conn, PG_RECORD_AND_WRITE_BACK[variant], values)
+    values = pg_values(task, change, delivery, details, emitted)
+    statement = PG_RECORD_AND_WRITE_BACK[variant(change, emitted)]
+    cursor = driver_send(conn, statement, values)
     return lambda: outcome(*cursor.fetchone())
 
 
@@ -169,6 +173,7 @@ def _record_and_write_back(
     conn: Connection,
     task: TaskState,
     change: Change,
+    emitted: list[Emitted],
     delivery: dict[str, Any],
     details: Details | None,
     outcome: Reader,
@@ -177,7 +182,7 @@ def _record_and_write_back(
     free, the task and its runs written back; else the delivery is a duplicate."""
     delivery_id = conn.execute(INSERT_DELIVERY_IGNORE, delivery).scalar()
     if delivery_id is not None:
-        write_back(conn, task, change)
+        write_back(conn, task, change, emitted, at=delivery["received_at"])
         if details is not None:
             conn.execute(
                 _WRITE_DETAILS, {"task_pk": task.id, "input": details[0], "outputs": details[1]}

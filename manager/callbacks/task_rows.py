@@ -10,18 +10,25 @@ before its first delivery.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import Connection, DateTime, Table, bindparam, delete, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from manager.callbacks.history import STATE_FIELDS, TASK_STATE, Change, TaskState
+from manager.callbacks.outbound import Emitted
+from manager.callbacks.outbox import write_outbox
 from manager.callbacks.rules import NO_POSITION
 from manager.models import Task, TaskRun
 from manager.vocabulary import TaskStatus
 
-# What the rules may change: every column of TaskState but the key.
-WRITTEN = tuple(name for name in STATE_FIELDS if name != "id")
+# What the rules may change: every column of TaskState but the key, the task's names
+# and its details (written only when newer: manager/callbacks/deliveries.py).
+WRITTEN = tuple(
+    name for name in STATE_FIELDS if name not in ("id", "app_id", "task_id", "input", "outputs")
+)
 # A task's row before its first delivery.
 NEW_TASK = {
     "status": TaskStatus.RUNNING,  # placeholder: a new task always applies its first delivery
@@ -57,6 +64,7 @@ def task_values(task: TaskState, change: Change) -> dict[str, Any]:
         "ended_at": None if last is None else last.ended_at,
         "updated_at": task.updated_at,
         "last_delivery_at": task.last_delivery_at,
+        "version": task.version,
     }
 
 
@@ -74,10 +82,22 @@ def run_rows(task_pk: int, change: Change) -> list[dict[str, Any]]:
     ]
 
 
-def write_back(conn: Connection, task: TaskState, change: Change) -> None:
-    """Write the task and its changed runs with portable statements (any backend)."""
+def write_back(
+    conn: Connection,
+    task: TaskState,
+    change: Change,
+    emitted: Sequence[Emitted] = (),
+    *,
+    at: datetime | None = None,
+) -> None:
+    """Write the task, its changed runs and the events it emitted (at `at`) with portable
+    statements (any backend)."""
     conn.execute(WRITE_BACK_TASK, task_values(task, change))
     _write_runs(conn, task.id, change)
+    if emitted:
+        if at is None:
+            raise ValueError("events are written with the time of their change")
+        write_outbox(conn, task.id, change.history.owner, emitted, at)
 
 
 def _write_runs(conn: Connection, task_pk: int, change: Change) -> None:

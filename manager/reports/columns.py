@@ -11,10 +11,10 @@ from datetime import datetime
 from operator import attrgetter
 from typing import Any, TypeAlias
 
+from manager.clock import iso
 from manager.reports.daily import DayRow
 from manager.reports.owners import OwnerRow
 from manager.reports.stuck import StuckTask
-from manager.tasks.shapes import iso
 
 REPORTS = ("summary", "owners", "daily", "stuck")
 

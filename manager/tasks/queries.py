@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
+from manager.clock import iso
 from manager.errors import Invalid, NotFound
 from manager.models import (
     STOP_STATES,
@@ -22,7 +23,7 @@ from manager.models import (
     TaskRun,
 )
 from manager.params import is_number
-from manager.tasks.shapes import iso, stop_request_json
+from manager.tasks.shapes import stop_request_json
 from manager.vocabulary import StopState
 
 HISTORY_LIMIT = 1000

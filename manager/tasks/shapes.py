@@ -3,11 +3,12 @@ CLI prints."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from manager.callbacks.history import stored_run
 from manager.callbacks.rules import Ending
+from manager.clock import iso, whole_seconds
 from manager.models import (
     Delivery,
     StopAttempt,
@@ -16,10 +17,6 @@ from manager.models import (
     TaskRun,
 )
 from manager.vocabulary import StopState
-
-
-def iso(value: datetime | None) -> str | None:
-    return None if value is None else value.isoformat() + "Z"
 
 
 def task_json(task: Task) -> dict[str, Any]:
@@ -38,6 +35,7 @@ def task_json(task: Task) -> dict[str, Any]:
         "ended_at": iso(task.ended_at),
         "updated_at": iso(task.updated_at),
         "last_delivery_at": iso(task.last_delivery_at),
+        "version": task.version,
     }
 
 
@@ -51,9 +49,7 @@ def run_seconds(run: TaskRun, now: datetime) -> int | None:
     never negative; None when its start is unknown."""
     if run.started_at is None:
         return None
-    span = (run.ended_at or now) - run.started_at
-    # Rounded half up, as the reports round their seconds.
-    return max((span + timedelta(microseconds=500_000)) // timedelta(seconds=1), 0)
+    return whole_seconds(run.started_at, run.ended_at or now)
 
 
 def run_json(run: TaskRun, now: datetime) -> dict[str, Any]:

@@ -138,6 +138,10 @@ TASK = closed(
         "ended_at": nullable(DATE_TIME),
         "updated_at": DATE_TIME,
         "last_delivery_at": nullable(DATE_TIME),
+        "version": {
+            **COUNT,
+            "description": "the version of its latest outbound event: grows with each",
+        },
     },
     "A task's state. Times are UTC.",
 )

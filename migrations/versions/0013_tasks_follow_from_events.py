@@ -65,8 +65,15 @@ def _rebuild(conn: sa.Connection) -> None:
     from manager.callbacks.rebuild import rebuild
     from manager.clock import utcnow
 
-    for _changed in rebuild(conn, now=utcnow()):
+    # tasks.version (0016) is read and written by the service's code: here for the
+    # step only. Nothing is passed on: there are no subscriptions before 0016.
+    borrowed = "version" not in {c["name"] for c in sa.inspect(conn).get_columns("tasks")}
+    if borrowed:
+        op.add_column("tasks", sa.Column("version", sa.BigInteger(), server_default="0"))
+    for _changed in rebuild(conn, now=utcnow(), pass_on=False):
         pass
+    if borrowed:
+        op.drop_column("tasks", "version")
 
 
 def downgrade() -> None:
