@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
+from cryptography.fernet import Fernet
 from dotenv import dotenv_values
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
@@ -41,6 +42,7 @@ KNOWN_VARIABLES = frozenset(
         "PROMETHEUS_MULTIPROC_DIR",
         "DELIVERY_RETENTION_DAYS",
         "LOG_FORMAT",
+        "SUBSCRIPTION_KEY",
     }
 )
 
@@ -79,6 +81,9 @@ class Settings:
     # "json" or "text"; None: the command decides (json under serve and worker, else text
     # on a terminal).
     log_format: str | None = None
+    # Fernet keys that seal the subscriptions' signing secrets at rest: the first seals,
+    # any opens (SUBSCRIPTION_KEY, comma-separated, so that the key can be rotated).
+    subscription_keys: tuple[str, ...] = field(default=(), repr=False)
     # (connect, read) seconds for ZEGOCLOUD API calls; not an environment variable.
     zego_timeout: tuple[float, float] = DEFAULT_TIMEOUT
 
@@ -108,6 +113,7 @@ class Settings:
                 merged, "DELIVERY_RETENTION_DAYS", DEFAULT_RETENTION_DAYS, 1, 36_500
             ),
             log_format=_choice(merged, "LOG_FORMAT", LOG_FORMATS),
+            subscription_keys=_fernet_keys(merged, "SUBSCRIPTION_KEY"),
             # Last (arguments are evaluated in order), once every other value has been
             # checked: an invalid configuration should not leave a new key file behind.
             secret_key=merged.get("SECRET_KEY") or _instance_secret_key(instance),
@@ -211,6 +217,23 @@ def _callback_secrets(env: Mapping[str, str]) -> tuple[str, ...]:
     if raw.strip() and not found:
         raise ConfigError("ZEGO_CALLBACK_SECRET is set but lists no secret")
     return found
+
+
+def _fernet_keys(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    raw = env.get(name, "")
+    keys = tuple(k.strip() for k in raw.split(",") if k.strip())
+    if raw.strip() and not keys:
+        raise ConfigError(f"{name} is set but lists no key")
+    for key in keys:
+        try:
+            Fernet(key)
+        except (ValueError, TypeError):
+            # Not quoted: it is a secret.
+            raise ConfigError(
+                f"{name} must be Fernet keys (32 url-safe base64-encoded bytes each, as"
+                " `manager subscriptions new-key` prints), comma-separated"
+            ) from None
+    return keys
 
 
 def _instance_secret_key(instance: Path) -> str:

@@ -116,6 +116,46 @@ DATABASE_ERRORS = Counter(
 )
 
 
+EVENT_ATTEMPTS = Counter(
+    "manager_event_attempts_total",
+    "Outbound event requests made, by answer: delivered (2xx) or failed (anything else, or"
+    " no answer)",
+    ["outcome"],
+)
+EVENT_SECONDS = Histogram(
+    "manager_event_attempt_seconds",
+    "How long a receiver took to answer an outbound event request",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+EVENT_SENDS_FINISHED = Counter(
+    "manager_event_sends_finished_total",
+    "Outbound events that reached their final state with a subscription: delivered, or"
+    " failed (given up after the retry window)",
+    ["state"],
+)
+SUBSCRIPTIONS_DISABLED = Counter(
+    "manager_subscriptions_disabled_total",
+    "Subscriptions the worker disabled: failing for the whole retry window, or 410 Gone",
+)
+_DELIVERED = EVENT_ATTEMPTS.labels("delivered")
+_FAILED = EVENT_ATTEMPTS.labels("failed")
+
+
+def count_event_send(delivered: bool, seconds: float) -> None:
+    (_DELIVERED if delivered else _FAILED).inc()
+    EVENT_SECONDS.observe(seconds)
+
+
+def count_event_outcomes(delivered: int, failed: int, disabled: int) -> None:
+    """What one batch of recorded answers finished."""
+    if delivered:
+        EVENT_SENDS_FINISHED.labels("delivered").inc(delivered)
+    if failed:
+        EVENT_SENDS_FINISHED.labels("failed").inc(failed)
+    if disabled:
+        SUBSCRIPTIONS_DISABLED.inc(disabled)
+
+
 PRUNED = Counter(
     "manager_deliveries_pruned_total",
     "What DELIVERY_RETENTION_DAYS pruning removed: raw bodies dropped, deliveries deleted,"

@@ -12,6 +12,10 @@ from flask.cli import with_appcontext
 
 from manager.cli.common import new_session, stop_reason, storable
 from manager.cli.errors import domain_errors
+from manager.events.secrets import Sealer
+from manager.events.sender import DEFAULT_THREADS as DEFAULT_EVENT_THREADS
+from manager.events.sender import DEFAULT_TIMEOUT as DEFAULT_EVENT_TIMEOUT
+from manager.events.sender import EventSender
 from manager.logs import configure as configure_logs
 from manager.logs import resolve_format
 from manager.metrics import serve_metrics
@@ -70,9 +74,31 @@ def stop_command(task_id: str, reason: str | None, force: bool) -> None:
 @click.option(
     "--metrics-host", default="127.0.0.1", show_default=True, help="address for --metrics-port"
 )
+@click.option(
+    "--event-threads",
+    default=DEFAULT_EVENT_THREADS,
+    show_default=True,
+    type=click.IntRange(1, 512),
+    help="outbound event requests that may be in flight at once",
+)
+@click.option(
+    "--event-timeout",
+    default=DEFAULT_EVENT_TIMEOUT,
+    show_default=True,
+    type=click.FloatRange(0.1, 60),
+    help="seconds a subscription's receiver has to answer an event",
+)
 @with_appcontext
-def worker_command(once: bool, threads: int, metrics_port: int | None, metrics_host: str) -> None:
-    """Send queued stop requests within the shared rate limit; re-stop stuck tasks."""
+def worker_command(
+    once: bool,
+    threads: int,
+    metrics_port: int | None,
+    metrics_host: str,
+    event_threads: int,
+    event_timeout: float,
+) -> None:
+    """Send queued stop requests within the shared rate limit; re-stop stuck tasks; send
+    the outbound events to their subscriptions."""
     ext = current_app.extensions
     # Every attempt, re-stop and give-up is logged, as JSON lines unless on a terminal.
     configure_logs(resolve_format(ext["manager.settings"].log_format, service=True))
@@ -89,14 +115,25 @@ def worker_command(once: bool, threads: int, metrics_port: int | None, metrics_h
     settings = ext["manager.settings"]
     pruning = Pruning(ext["manager.engine"], settings.delivery_retention_days, fill_hours)
     worker = StopWorker(dispatcher, threads=threads, tidy_nonces=True, pruning=pruning)
+    sender = EventSender(
+        ext["manager.engine"],
+        Sealer(settings.subscription_keys),
+        threads=event_threads,
+        timeout=event_timeout,
+    )
     try:
         if once:
             click.echo(f"{worker.run_once()} attempts made")
+            sent = sender.run_once()
+            click.echo(f"{sent.delivered + sent.retrying + sent.failed} events sent")
             return
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         signal.signal(signal.SIGINT, lambda *_: stop.set())
         click.echo(f"worker {dispatcher.name} running; Ctrl-C stops it", err=True)
+        events = threading.Thread(target=sender.run_forever, args=(stop,), name="events")
+        events.start()
         worker.run_forever(stop)
+        events.join()
     finally:
         worker.close()
