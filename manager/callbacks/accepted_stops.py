@@ -62,12 +62,12 @@ def apply_accepted_stops(
             change = advance(conn, task, event, stored=True)
             if change.changed:
                 _stop_fields(task, change, latest[task.id], at)
-                write_back(conn, task, change, pass_on(task, change, at=at), at=at)
+                write_back(conn, task, change, pass_on(task, change, at=at))
             continue
         change = extended(history_of(task), after)
         if change.owner_changed:  # not from a stop, which names no owner; but if so
             _stop_fields(task, change, latest[task.id], at)
-            write_back(conn, task, change, pass_on(task, change, at=at), at=at)
+            write_back(conn, task, change, pass_on(task, change, at=at))
         elif change.changed:
             _stop_fields(task, change, latest[task.id], at)
             events.append((task.id, change.history.owner, pass_on(task, change, at=at)))
@@ -78,7 +78,7 @@ def apply_accepted_stops(
     if runs:
         conn.execute(UPSERT_RUN[conn.dialect.name], runs)
     for task_pk, owner, emitted in events:
-        write_outbox(conn, task_pk, owner, emitted, at)
+        write_outbox(conn, task_pk, owner, emitted)
     return len(written)
 
 

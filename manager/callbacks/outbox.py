@@ -22,6 +22,7 @@ from typing import Any
 from sqlalchemy import Connection, text
 
 from manager.callbacks.outbound import Emitted
+from manager.clock import utcnow
 from manager.vocabulary import SendState
 
 # Whether subscription `s` takes an event of type {type} for a task of owner {owner}.
@@ -38,9 +39,11 @@ def _match(owner: str, kind: str, *, pct: str) -> str:
 
 
 def write_outbox(
-    conn: Connection, task_pk: int, owner: str | None, emitted: Sequence[Emitted], at: datetime
+    conn: Connection, task_pk: int, owner: str | None, emitted: Sequence[Emitted]
 ) -> None:
-    """Store each event some subscription takes and fan it out to them (any backend)."""
+    """Store each event some subscription takes and fan it out to them (any backend),
+    due now: an event's own time (an accepted stop's, say) is in its body."""
+    at = utcnow()
     for event in emitted:
         event_id = conn.execute(
             _INSERT_EVENT,

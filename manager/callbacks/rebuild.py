@@ -105,7 +105,7 @@ def rebuild(
             changed.append(Rebuilt(row.task_id, before, _figures_of(change.history, stored, now)))
             if not dry_run:
                 emitted = events_of(task, change, at=now) if pass_on else []
-                write_back(conn, task, change, emitted, at=now)
+                write_back(conn, task, change, emitted)
         if changed:
             changed_any = True
         yield changed

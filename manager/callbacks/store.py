@@ -182,7 +182,7 @@ def _record_and_write_back(
     free, the task and its runs written back; else the delivery is a duplicate."""
     delivery_id = conn.execute(INSERT_DELIVERY_IGNORE, delivery).scalar()
     if delivery_id is not None:
-        write_back(conn, task, change, emitted, at=delivery["received_at"])
+        write_back(conn, task, change, emitted)
         if details is not None:
             conn.execute(
                 _WRITE_DETAILS, {"task_pk": task.id, "input": details[0], "outputs": details[1]}

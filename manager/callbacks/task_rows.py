@@ -11,7 +11,6 @@ before its first delivery.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import Connection, DateTime, Table, bindparam, delete, update
@@ -83,21 +82,14 @@ def run_rows(task_pk: int, change: Change) -> list[dict[str, Any]]:
 
 
 def write_back(
-    conn: Connection,
-    task: TaskState,
-    change: Change,
-    emitted: Sequence[Emitted] = (),
-    *,
-    at: datetime | None = None,
+    conn: Connection, task: TaskState, change: Change, emitted: Sequence[Emitted] = ()
 ) -> None:
-    """Write the task, its changed runs and the events it emitted (at `at`) with portable
+    """Write the task, its changed runs and the events it emitted with portable
     statements (any backend)."""
     conn.execute(WRITE_BACK_TASK, task_values(task, change))
     _write_runs(conn, task.id, change)
     if emitted:
-        if at is None:
-            raise ValueError("events are written with the time of their change")
-        write_outbox(conn, task.id, change.history.owner, emitted, at)
+        write_outbox(conn, task.id, change.history.owner, emitted)
 
 
 def _write_runs(conn: Connection, task_pk: int, change: Change) -> None:
