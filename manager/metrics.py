@@ -159,13 +159,14 @@ def count_event_outcomes(delivered: int, failed: int, disabled: int) -> None:
 PRUNED = Counter(
     "manager_deliveries_pruned_total",
     "What DELIVERY_RETENTION_DAYS pruning removed: raw bodies dropped, deliveries deleted,"
-    " and task histories folded into their last run",
+    " task histories folded into their last run, and outbound events deleted",
     ["what"],
 )
 
 
-def count_pruned(bodies: int, deliveries: int, tasks: int) -> None:
-    for what, count in (("bodies", bodies), ("deliveries", deliveries), ("tasks", tasks)):
+def count_pruned(bodies: int, deliveries: int, tasks: int, events: int = 0) -> None:
+    counts = (("bodies", bodies), ("deliveries", deliveries), ("tasks", tasks), ("events", events))
+    for what, count in counts:
         if count:
             PRUNED.labels(what).inc(count)
 

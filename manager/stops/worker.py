@@ -36,6 +36,7 @@ from manager.callbacks.retention import Pruned, prune
 from manager.clock import utcnow
 from manager.config import MAX_CALLBACK_MAX_AGE
 from manager.db import write_transaction
+from manager.events.retention import prune_events
 from manager.metrics import count_pruned, count_restop
 from manager.stops.claims import claim_due, release
 from manager.stops.dispatch import Dispatcher, send_on_unit
@@ -95,7 +96,8 @@ class Sent:
 
 @dataclass
 class Pruning:
-    """The worker's share of DELIVERY_RETENTION_DAYS: passes of manager.callbacks.retention."""
+    """The worker's share of DELIVERY_RETENTION_DAYS: passes of manager.callbacks.retention
+    and of manager.events.retention."""
 
     engine: Engine
     retention_days: int
@@ -119,7 +121,16 @@ class Pruning:
             after_id=self.resume_after,
         )
         self.resume_after = pruned.resume_after
-        count_pruned(pruned.bodies, pruned.deliveries, pruned.tasks)
+        events = prune_events(
+            self.engine,
+            now=now,
+            retention_days=self.retention_days,
+            max_batches=self.batches,
+            pause=self.pause,
+        )
+        if events:
+            log.info("pruned %d outbound events older than %d days", events, self.retention_days)
+        count_pruned(pruned.bodies, pruned.deliveries, pruned.tasks, events)
         if pruned.bodies or pruned.deliveries or pruned.tasks:
             log.info(
                 "pruned deliveries older than %d days: %d bodies dropped, %d deliveries"

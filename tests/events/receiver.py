@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ class Receiver:
     secret: str = ""
     fail_rate: float = 0.0  # the share of requests answered 500 (before looking at them)
     status: int = 204  # what a request that does not fail is answered with
+    delay: float = 0.0  # seconds before a verified request is answered
     rng: random.Random = field(default_factory=lambda: random.Random(7))
     received: list[Received] = field(default_factory=list)
     refused: int = 0  # requests whose signature did not verify
@@ -77,6 +79,7 @@ def _handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
                 self._answer(400, b"bad signature")
                 return
             payload = json.loads(body)
+            time.sleep(receiver.delay)
             with receiver.lock:
                 receiver.headers.append(headers)
                 receiver.received.append(
@@ -102,9 +105,14 @@ def _handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A sender that went away mid-request (a killed worker) is no error here."""
+
+
 @contextmanager
 def serve(receiver: Receiver) -> Iterator[Receiver]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(receiver))
+    server = _Server(("127.0.0.1", 0), _handler(receiver))
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
     thread.start()
