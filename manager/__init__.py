@@ -24,6 +24,7 @@ from manager.web import dashboard as web_dashboard
 from manager.web import edges
 from manager.web import ops as web_ops
 from manager.web import reports as web_reports
+from manager.web import subscriptions as web_subscriptions
 from manager.web.cookie_sessions import CookieSessionInterface
 from manager.web.errors import register_error_handlers
 
@@ -54,7 +55,14 @@ def create_app(settings: Settings | None = None) -> Flask:
     # Outermost: the request id and the headers every answer carries.
     app.wsgi_app = edges.AnswerHeaders(app.wsgi_app)  # type: ignore[method-assign]
 
-    for blueprint in (web_ops, web_callbacks, web_api, web_reports, web_dashboard):
+    for blueprint in (
+        web_ops,
+        web_callbacks,
+        web_api,
+        web_reports,
+        web_subscriptions,
+        web_dashboard,
+    ):
         app.register_blueprint(blueprint.bp)
 
     register_commands(app)

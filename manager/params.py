@@ -69,6 +69,7 @@ def parse_limit(raw: str | None, default: int = 50, maximum: int = MAX_PAGE) -> 
     if raw in (None, ""):
         return default
     assert raw is not None  # noqa: S101
-    if not is_number(raw) or not 1 <= int(raw) <= maximum:
+    # Length first: int() refuses more than 4,300 digits with a ValueError.
+    if not is_number(raw) or len(raw) > 20 or not 1 <= int(raw) <= maximum:
         raise Invalid("invalid_parameter", f"limit must be an integer from 1 to {maximum}")
     return int(raw)

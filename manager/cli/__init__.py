@@ -14,6 +14,7 @@ from manager.cli.rebuild import rebuild_command
 from manager.cli.reports import report_command
 from manager.cli.serve import serve_command
 from manager.cli.stops import stop_command, worker_command
+from manager.cli.subscriptions import events_cli, subscriptions_cli
 from manager.cli.tasks import tasks_command
 from manager.cli.tokens import tokens_cli
 
@@ -24,6 +25,8 @@ COMMANDS: tuple[Command, ...] = (
     report_command,
     stop_command,
     worker_command,
+    subscriptions_cli,
+    events_cli,
     rebuild_command,
     serve_command,
     fake_zego_command,

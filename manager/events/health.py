@@ -34,17 +34,20 @@ class Health:
         }
 
 
-def health_by_subscription(conn: Connection) -> dict[int, Health]:
-    """Every subscription's sends by state (those it has none of are absent)."""
+def health_by_subscription(
+    conn: Connection, subscription_id: int | None = None
+) -> dict[int, Health]:
+    """Every subscription's sends by state, or one's (those with no sends are absent)."""
     counts: dict[int, dict[str, Any]] = {}
-    rows = conn.execute(
-        select(
-            EventSend.subscription_id,
-            EventSend.state,
-            func.count(),
-            func.min(EventSend.created_at),
-        ).group_by(EventSend.subscription_id, EventSend.state)
-    )
+    query = select(
+        EventSend.subscription_id,
+        EventSend.state,
+        func.count(),
+        func.min(EventSend.created_at),
+    ).group_by(EventSend.subscription_id, EventSend.state)
+    if subscription_id is not None:
+        query = query.where(EventSend.subscription_id == subscription_id)
+    rows = conn.execute(query)
     for sub_id, state, count, oldest in rows:
         entry = counts.setdefault(sub_id, {})
         entry[state] = count

@@ -195,6 +195,10 @@ RESPONSES: dict[str, dict[str, Any]] = {
 TAGS = [
     {"name": "api", "description": "Tasks and stops (bearer token)."},
     {"name": "reports", "description": "Reports as JSON or CSV (bearer token)."},
+    {
+        "name": "subscriptions",
+        "description": "Receivers of the tasks' outbound events (bearer token).",
+    },
     {"name": "callbacks", "description": "ZEGOCLOUD's signed transcode callbacks."},
     {"name": "ops", "description": "For load balancers, Prometheus and clients; no auth."},
     {"name": "dashboard", "description": "The operators' HTML pages (session cookie)."},

@@ -17,12 +17,22 @@ from enum import StrEnum
 from typing import Any
 
 from manager.callbacks.rules import Ending
+from manager.events.subscriptions import MAX_OWNER_LENGTH, MAX_SUBSCRIPTIONS, MAX_URL_LENGTH
+from manager.params import EARLIEST, LATEST
 from manager.reports.daily import DayRow
 from manager.reports.owners import OwnerRow
 from manager.reports.stuck import NO_DELIVERY, NO_STOP_CALLBACK, StuckTask
 from manager.stops.bulk import MAX_BULK_TASKS
 from manager.stored_text import MAX_REASON_LENGTH
-from manager.vocabulary import StopState, TaskStatus, Verdict, WaitReason, values
+from manager.vocabulary import (
+    EventType,
+    SendState,
+    StopState,
+    TaskStatus,
+    Verdict,
+    WaitReason,
+    values,
+)
 from manager.zego.callbacks import (
     EVENT_START,
     EVENT_STOP,
@@ -394,6 +404,151 @@ REPORT: Schema = {
     "description": "The report `name` asks for.",
 }
 
+# -- subscriptions (outbound events) ------------------------------------------------------
+
+EVENT_TYPES: Schema = {
+    **list_of(enum(EventType)),
+    "minItems": 1,
+    "description": "the types it takes; null or left out: every type",
+}
+_SUBSCRIPTION: dict[str, Schema] = {
+    "id": {"type": "integer", "minimum": 1},
+    "url": {"type": "string"},
+    "event_types": nullable(list_of(enum(EventType))),
+    "owner": nullable({"type": "string", "description": "only this owner's tasks"}),
+    "description": nullable({"type": "string"}),
+    "created_at": DATE_TIME,
+    "enabled": {"type": "boolean"},
+    "disabled_at": nullable(DATE_TIME),
+    "disabled_reason": nullable({"type": "string"}),
+    "failing_since": nullable({**DATE_TIME, "description": "since when every attempt failed"}),
+    "last_success_at": nullable(DATE_TIME),
+    "previous_secret_until": nullable(
+        {**DATE_TIME, "description": "after a rotation, the old secret signs too until then"}
+    ),
+}
+SUBSCRIPTION = closed(_SUBSCRIPTION, "A receiver of the tasks' outbound events; never its secret.")
+
+SECRET: Schema = {
+    "type": "string",
+    "pattern": "^whsec_",
+    "description": "the signing secret (Standard Webhooks); shown in this answer only",
+}
+SUBSCRIPTION_WITH_SECRET = closed(
+    {**_SUBSCRIPTION, "secret": SECRET},
+    "A subscription and its new signing secret, which is not shown again.",
+)
+
+SUBSCRIPTION_HEALTH = closed(
+    {
+        "pending": COUNT,
+        "delivered": COUNT,
+        "failed": COUNT,
+        "oldest_pending_at": nullable(DATE_TIME),
+        "oldest_pending_seconds": nullable(COUNT),
+    },
+    "Its sends by state, and how long the oldest pending one has waited.",
+)
+SUBSCRIPTION_WITH_HEALTH = closed(
+    {**_SUBSCRIPTION, "health": ref("SubscriptionHealth")},
+    "A subscription and how its sends fare.",
+)
+SUBSCRIPTION_LIST = closed(
+    {"subscriptions": list_of(ref("SubscriptionWithHealth"))},
+    f"Every subscription (at most {MAX_SUBSCRIPTIONS}), oldest first.",
+)
+
+SUBSCRIPTION_BODY: Schema = {
+    "type": "object",
+    "required": ["url"],
+    "properties": {
+        "url": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": MAX_URL_LENGTH,
+            "description": "http:// or https://, ASCII, no credentials or fragment",
+        },
+        "event_types": nullable(EVENT_TYPES),
+        "owner": nullable(
+            {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": MAX_OWNER_LENGTH,
+                "pattern": IDENTIFIER_PATTERN,
+                "description": "only this owner's (UserId) tasks; null: every owner's",
+            }
+        ),
+        "description": nullable(
+            {"type": "string", "maxLength": MAX_REASON_LENGTH, "pattern": "^[^\\u0000]*$"}
+        ),
+    },
+    "description": "Other properties are ignored.",
+}
+
+DISABLE_BODY: Schema = {
+    "type": "object",
+    "properties": {"reason": REASON},
+    "description": "Optional; other properties are ignored.",
+}
+
+_UNIX_LATEST = int((LATEST - EARLIEST).total_seconds())
+REPLAY_BODY: Schema = {
+    "type": "object",
+    "required": ["since"],
+    "properties": {
+        "since": {
+            "anyOf": [
+                DATE_TIME,
+                {"type": "integer", "minimum": 0, "maximum": _UNIX_LATEST},
+                {"type": "string", "pattern": "^[0-9]+$"},
+            ],
+            "description": (
+                f"events written at or after this time: ISO 8601 or Unix seconds, "
+                f"{EARLIEST.date()} to {LATEST.date()}"
+            ),
+        },
+    },
+    "description": "Other properties are ignored.",
+}
+REPLAY_ANSWER = closed(
+    {"replayed": {**COUNT, "description": "how many sends are pending again"}},
+)
+
+SEND_ATTEMPT = closed(
+    {
+        "attempted_at": DATE_TIME,
+        "status": nullable({"type": "integer", "description": "null: no answer came"}),
+        "error": nullable({"type": "string", "description": "why no answer came"}),
+        "answer": nullable({"type": "string", "description": "the answer's first bytes"}),
+        "elapsed_ms": COUNT,
+    },
+    "One POST of an event to the subscription, and what came back.",
+)
+EVENT_SEND = closed(
+    {
+        "id": {"type": "integer", "minimum": 1},
+        "webhook_id": {"type": "string", "description": "the webhook-id header it is sent with"},
+        "type": enum(EventType),
+        "task_id": {"type": "string"},
+        "version": COUNT,
+        "state": enum(SendState),
+        "attempts": COUNT,
+        "next_attempt_at": nullable({**DATE_TIME, "description": "while pending"}),
+        "created_at": DATE_TIME,
+        "completed_at": nullable(DATE_TIME),
+        "replayed_at": nullable(DATE_TIME),
+        "log": list_of(ref("SendAttempt")),
+    },
+    "One event for the subscription, with every attempt at sending it.",
+)
+EVENT_SEND_PAGE = closed(
+    {
+        "deliveries": list_of(ref("EventSend")),
+        "next_cursor": nullable({"type": "string", "description": "null on the last page"}),
+    },
+    "A page of the subscription's delivery log, newest first.",
+)
+
 # -- callbacks ----------------------------------------------------------------------------
 
 _DIGITS = "^[0-9]+$"
@@ -528,4 +683,16 @@ COMPONENTS: dict[str, Schema] = {
     "Health": HEALTH,
     "Ready": READY,
     "OpenApi": OPENAPI,
+    "Subscription": SUBSCRIPTION,
+    "SubscriptionWithSecret": SUBSCRIPTION_WITH_SECRET,
+    "SubscriptionHealth": SUBSCRIPTION_HEALTH,
+    "SubscriptionWithHealth": SUBSCRIPTION_WITH_HEALTH,
+    "SubscriptionList": SUBSCRIPTION_LIST,
+    "SubscriptionBody": SUBSCRIPTION_BODY,
+    "DisableBody": DISABLE_BODY,
+    "ReplayBody": REPLAY_BODY,
+    "ReplayAnswer": REPLAY_ANSWER,
+    "SendAttempt": SEND_ATTEMPT,
+    "EventSend": EVENT_SEND,
+    "EventSendPage": EVENT_SEND_PAGE,
 }

@@ -32,7 +32,7 @@ class Receiver:
 
     secret: str = ""
     fail_rate: float = 0.0  # the share of requests answered 500 (before looking at them)
-    status: int = 204  # what a request that does not fail is answered with
+    status: int = 204  # what a verified request is answered with (kept only if 2xx)
     delay: float = 0.0  # seconds before a verified request is answered
     rng: random.Random = field(default_factory=lambda: random.Random(7))
     received: list[Received] = field(default_factory=list)
@@ -80,6 +80,9 @@ def _handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
                 return
             payload = json.loads(body)
             time.sleep(receiver.delay)
+            if receiver.status >= 300:  # refused after all: not kept
+                self._answer(receiver.status, b"")
+                return
             with receiver.lock:
                 receiver.headers.append(headers)
                 receiver.received.append(

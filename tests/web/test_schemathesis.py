@@ -32,6 +32,7 @@ from manager import create_app, dispose_engines
 from manager.access.tokens import create_token
 from manager.config import Settings
 from manager.db import Base
+from manager.events.secrets import new_key
 from manager.web.openapi import build_document
 from manager.zego.fake_server import FakeServer
 
@@ -100,6 +101,8 @@ def live(database_url: str, migrated_engine: Engine, fake_server: FakeServer) ->
         "ZEGO_CALLBACK_SECRET": CALLBACK_SECRET,
         "ZEGO_API_URL": fake_server.url,  # nothing leaves the machine
         "SECRET_KEY": "schemathesis-test",
+        # Subscriptions keep their secrets sealed; no worker runs, so none is ever sent to.
+        "SUBSCRIPTION_KEY": new_key(),
     }
     started = time.monotonic()
     try:
@@ -137,7 +140,8 @@ def sign_in(base: str, token: str) -> dict[str, str]:
 
 
 def seed(live: Live, fake_server: FakeServer) -> None:
-    """Tasks in every state, and a stop, so that the lists and reports have rows."""
+    """Tasks in every state, a stop and a subscription, so that the lists and reports
+    have rows."""
     t0 = int(time.time()) - 120
     bodies = [
         callback(task_id="st-running", user_id="u-1", sequence=1, timestamp=t0),
@@ -156,6 +160,13 @@ def seed(live: Live, fake_server: FakeServer) -> None:
         f"{live.base}/api/tasks/st-stopping/stop", headers=live.headers, timeout=REQUEST_TIMEOUT
     )
     assert stop.status_code == 200, stop.text
+    subscribed = requests.post(
+        f"{live.base}/api/subscriptions",
+        json={"url": "http://127.0.0.1:9/events", "description": "schemathesis"},
+        headers=live.headers,
+        timeout=REQUEST_TIMEOUT,
+    )
+    assert subscribed.status_code == 201, subscribed.text
 
 
 @schema.parametrize()
