@@ -1,5 +1,7 @@
 """GET / — the operator dashboard: sign in with a token, see tasks, stop them;
-GET /tasks/<task_id> — one task, its runs, deliveries and stop requests.
+GET /tasks/<task_id> — one task, its runs, deliveries and stop requests;
+GET /subscriptions — the outbound events' subscriptions and how each fares, each with
+a page of its delivery log and a form that replays its events.
 
 Only the token's name is kept in Flask's signed session cookie, and it is checked
 against the database on every request, so revoking a token signs its sessions out.
@@ -34,14 +36,19 @@ from sqlalchemy.orm import Session
 
 from manager.callbacks.rules import Ending
 from manager.clock import utcnow
-from manager.errors import DomainError
-from manager.models import ApiToken, Delivery, StopRequest, Task
+from manager.errors import DomainError, Invalid, NotFound
+from manager.events.health import Health, health_by_subscription
+from manager.events.log import deliveries as delivery_log
+from manager.events.replay import replay
+from manager.events.subscriptions import event_types_of, get_subscription, list_subscriptions
+from manager.models import ApiToken, Delivery, StopRequest, Subscription, Task
+from manager.params import parse_time
 from manager.reports import reporting
 from manager.services import get_dispatcher, get_session, get_settings
 from manager.stops.dispatch import stop_task_now
 from manager.stops.requests import WAIT_REASON_TEXT
 from manager.stored_text import text_problem
-from manager.tasks.queries import count_runs, find_task, task_deliveries, task_runs
+from manager.tasks.queries import MAX_ROW_ID, count_runs, find_task, task_deliveries, task_runs
 from manager.tasks.shapes import run_end, run_seconds
 from manager.vocabulary import StopState, TaskStatus, Verdict
 from manager.web.api import TaskIdConverter
@@ -57,6 +64,13 @@ MAX_TASK_ID = 256  # tasks.task_id is a String(256)
 STUCK_REASONS = {"no_stop_callback": "no stop callback", "no_delivery": "no callback"}
 VERDICT_CLASSES = {"applied": "ok", "duplicate": "muted", "stale": "warn", "rejected": "bad"}
 STOP_ROWS = 20
+SEND_ROWS = 50  # a subscription page's latest sends; the API pages through the rest
+ANSWER_CHARS = 120  # of an answer's kept first bytes, in the log's table (all in its title)
+# What the replay form suggests: the last hour, the usual span of an outage.
+REPLAY_SUGGESTION = timedelta(hours=1)
+SEND_STATE_CLASSES = {"pending": "warn", "delivered": "ok", "failed": "bad"}
+# An id no subscription can have (subscriptions.id is an Integer) is no route at all.
+SUBSCRIPTION_ID = f"<int(min=1, max={MAX_ROW_ID}):subscription_id>"
 # How a run ended, as the task page says it: (words, pill class, tooltip).
 RUN_ENDS: dict[Ending | None, tuple[str, str, str]] = {
     None: ("running", "running", "still going"),
@@ -90,7 +104,12 @@ NO_SUCH_TASK = {
         "application/json": {"schema": "Error"},
     },
 }
+NO_SUCH_SUBSCRIPTION = {
+    "description": "No such subscription (a page), or no such path (the JSON error).",
+    "content": NO_SUCH_TASK["content"],
+}
 CSRF_FIELD = {"csrf": "the session's CSRF token, from the page's form"}
+TO_SIGN_IN = redirect_answer("Not signed in: to the sign-in page.")
 
 
 @bp.record_once
@@ -127,6 +146,12 @@ def _template_helpers() -> dict[str, Any]:
 @bp.app_template_filter("utc")
 def format_utc(value: datetime | None) -> str:
     return "—" if value is None else value.strftime("%Y-%m-%d %H:%M:%S")
+
+
+@bp.app_template_filter("utc_iso")
+def format_utc_iso(value: str | None) -> str:
+    """A time as the API writes it (ISO 8601, "Z"; the delivery log's) as `utc` shows one."""
+    return format_utc(None if value is None else datetime.fromisoformat(value.removesuffix("Z")))
 
 
 @bp.app_template_filter("ago")
@@ -185,6 +210,12 @@ def _current_operator() -> str | None:
         flash("Your token is no longer active; you have been signed out.", "error")
         return None
     return name
+
+
+def _sign_in_first() -> ResponseReturnValue:
+    """Where a page or form that needs an operator sends a visitor who is not signed in."""
+    flash("Please sign in first.", "error")
+    return redirect(url_for(".index"))
 
 
 def _sign_out() -> None:
@@ -250,7 +281,7 @@ def index() -> str:
     path_parameters={"task_id": {"description": "the task's TaskId; may hold slashes"}},
     responses={
         200: html_answer("The task's page."),
-        302: redirect_answer("Not signed in: to the sign-in page."),
+        302: TO_SIGN_IN,
         404: NO_SUCH_TASK,
         503: "Unavailable",
     },
@@ -258,8 +289,7 @@ def index() -> str:
 def task(task_id: str) -> ResponseReturnValue:
     """One task: its state, every run (the latest TASK_ROWS), deliveries, stop requests."""
     if g.operator is None:
-        flash("Please sign in first.", "error")
-        return redirect(url_for(".index"))
+        return _sign_in_first()
     if not 0 < len(task_id) <= MAX_TASK_ID or text_problem(task_id) is not None:
         return render_template("task.html", task_id=task_id, task=None), 404
     db = get_session()
@@ -371,8 +401,7 @@ def logout() -> ResponseReturnValue:
 def stop() -> ResponseReturnValue:
     """Stop one task like POST /api/tasks/<id>/stop, then say what happened."""
     if g.operator is None:
-        flash("Please sign in first.", "error")
-        return redirect(url_for(".index"))
+        return _sign_in_first()
     task_id = request.form.get("task_id", "")
     if not 0 < len(task_id) <= MAX_TASK_ID or text_problem(task_id) is not None:
         # Not a task id this service can hold; and the flash must fit in the cookie.
@@ -420,6 +449,157 @@ def stop_message(task_id: str, stop: StopRequest, created: bool) -> tuple[str, s
             detail += f" ({WAIT_REASON_TEXT[stop.wait_reason]})"
         return f"Stop for {task_id} is queued for retry{detail}; the worker will send it.", "warn"
     return f"ZEGOCLOUD refused the stop for {task_id} ({zego}).", "error"
+
+
+# -- outbound events' subscriptions ---------------------------------------------------------
+
+
+@bp.get("/subscriptions")
+@documented(
+    "The outbound events' subscriptions, and how each fares",
+    security=SIGNED_IN_OR_NOT,
+    responses={
+        200: html_answer("Every subscription with its sends by state; never a secret."),
+        302: TO_SIGN_IN,
+        503: "Unavailable",
+    },
+)
+def subscriptions() -> ResponseReturnValue:
+    """Every subscription (there are at most MAX_SUBSCRIPTIONS) with its health."""
+    if g.operator is None:
+        return _sign_in_first()
+    db = get_session()
+    health = health_by_subscription(db.connection())
+    rows = [
+        (sub, event_types_of(sub), health.get(sub.id, Health())) for sub in list_subscriptions(db)
+    ]
+    page = render_template(
+        "subscriptions.html", now=utcnow(), rows=rows, state_classes=SEND_STATE_CLASSES
+    )
+    db.rollback()
+    return page
+
+
+@bp.get(f"/subscriptions/{SUBSCRIPTION_ID}")
+@documented(
+    "One subscription's page: its health, its latest sends and their attempts, a replay form",
+    security=SIGNED_IN_OR_NOT,
+    path_parameters={"subscription_id": {"description": "the subscription's id"}},
+    responses={
+        200: html_answer("The subscription's page; never its secret."),
+        302: TO_SIGN_IN,
+        404: NO_SUCH_SUBSCRIPTION,
+        503: "Unavailable",
+    },
+)
+def subscription(subscription_id: int) -> ResponseReturnValue:
+    """One subscription: where it stands, its latest SEND_ROWS sends, and the replay form."""
+    if g.operator is None:
+        return _sign_in_first()
+    db = get_session()
+    found = _find_subscription(db, subscription_id)
+    if found is None:
+        return render_template("subscription.html", sub=None, sub_id=subscription_id), 404
+    conn = db.connection()
+    now = utcnow()
+    page = render_template(
+        "subscription.html",
+        sub_id=subscription_id,
+        sub=found,
+        event_types=event_types_of(found),
+        health=health_by_subscription(conn, found.id).get(found.id, Health()),
+        sends=delivery_log(conn, found.id, limit=SEND_ROWS),
+        now=now,
+        replay_since=(now - REPLAY_SUGGESTION).strftime("%Y-%m-%dT%H:%M"),
+        state_classes=SEND_STATE_CLASSES,
+        answer_chars=ANSWER_CHARS,
+    )
+    db.rollback()
+    return page
+
+
+@bp.post(f"/subscriptions/{SUBSCRIPTION_ID}/replay")
+@documented(
+    "Send a subscription's events again, as `manager events replay` does",
+    description="Every send of the subscription's events written since `since` that is no"
+    " longer pending (delivered, or given up on) is pending again, with its webhook-id.",
+    security=SIGNED_IN_OR_NOT,
+    path_parameters={"subscription_id": {"description": "the subscription's id"}},
+    body=form_body(
+        {
+            **CSRF_FIELD,
+            "since": "replay the events written from this time on: ISO 8601 (UTC unless it"
+            " says otherwise, as the form's datetime-local input sends it) or Unix seconds",
+        },
+        ["csrf", "since"],
+    ),
+    responses={
+        302: redirect_answer(
+            "Back to the subscription's page (to the list when there is no such"
+            " subscription), with how many sends are pending again, or why none are."
+        ),
+        400: CSRF_REFUSED,
+        404: "NotFound",  # an id no subscription can have: no such path
+        503: "Unavailable",
+    },
+)
+def replay_subscription(subscription_id: int) -> ResponseReturnValue:
+    """Replay from the form's time on, then say how many sends are pending again."""
+    if g.operator is None:
+        return _sign_in_first()
+    back = url_for(".subscription", subscription_id=subscription_id)
+    try:
+        since = parse_time("since", request.form.get("since", ""))
+    except Invalid as exc:
+        flash(f"Nothing was replayed: {exc.message}.", "error")
+        return redirect(back)
+    if since is None:
+        flash("Nothing was replayed: give the time to replay from.", "error")
+        return redirect(back)
+    db = get_session()
+    found = _find_subscription(db, subscription_id)
+    if found is None:
+        flash(f"There is no subscription {subscription_id}.", "error")
+        return redirect(url_for(".subscriptions"))
+    count = replay(db.connection(), found.id, since=since, now=utcnow())
+    disabled = found.disabled_at is not None
+    db.commit()
+    flash(*replay_message(subscription_id, since, count, disabled=disabled))
+    return redirect(back)
+
+
+def replay_message(
+    subscription_id: int, since: datetime, count: int, *, disabled: bool
+) -> tuple[str, str]:
+    """What the operator is told after a replay, and the flash category."""
+    when = f"since {format_utc(since)} UTC"
+    if count == 0:
+        return (
+            f"Nothing to replay for subscription {subscription_id} {when}: no event written"
+            " since then was delivered or given up on.",
+            "warn",
+        )
+    sends = "1 event is" if count == 1 else f"{count} events are"
+    if disabled:
+        return (
+            f"{sends} pending again for subscription {subscription_id} ({when}); it is"
+            " disabled, so they wait until it is enabled again.",
+            "warn",
+        )
+    return (
+        f"{sends} pending again for subscription {subscription_id} ({when}); the worker"
+        " will send them, in order.",
+        "ok",
+    )
+
+
+def _find_subscription(db: Session, subscription_id: int) -> Subscription | None:
+    """The subscription, or None, its read ended, when there is no such one."""
+    try:
+        return get_subscription(db, subscription_id)
+    except NotFound:
+        db.rollback()
+        return None
 
 
 # -- reads --------------------------------------------------------------------------------
