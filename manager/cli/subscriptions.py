@@ -180,7 +180,7 @@ def subscriptions_enable(subscription_id: int) -> None:
     """Send to a subscription again, starting with what is pending."""
     with new_session() as session, domain_errors():
         begin_write(session)
-        enable_subscription(session, subscription_id)
+        enable_subscription(session, subscription_id, now=utcnow())
         session.commit()
     click.echo(f"subscription {subscription_id} enabled")
 

@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import Connection, select
 
 from manager.clock import iso
-from manager.events.sending import webhook_id
+from manager.events.sending import NEVER, webhook_id
 from manager.models import Event, EventAttempt, EventSend, Task
 from manager.vocabulary import SendState
 
@@ -73,7 +73,10 @@ def deliveries(
             "version": s.version,
             "state": s.state,
             "attempts": s.attempts,
-            "next_attempt_at": iso(s.next_attempt_at) if s.state == SendState.PENDING else None,
+            # None once it is finished, or while it is parked (its subscription disabled).
+            "next_attempt_at": iso(s.next_attempt_at)
+            if s.state == SendState.PENDING and s.next_attempt_at != NEVER
+            else None,
             "created_at": iso(s.created_at),
             "completed_at": iso(s.completed_at),
             "replayed_at": iso(s.replayed_at),

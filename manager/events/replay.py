@@ -11,12 +11,16 @@ from datetime import datetime
 
 from sqlalchemy import Connection, select, update
 
-from manager.models import Event, EventSend
+from manager.events.sending import NEVER
+from manager.models import Event, EventSend, Subscription
 from manager.vocabulary import SendState
 
 
 def replay(conn: Connection, subscription_id: int, *, since: datetime, now: datetime) -> int:
-    """How many sends are pending again."""
+    """How many sends are pending again (parked, if the subscription is disabled)."""
+    disabled = conn.execute(
+        select(Subscription.disabled_at).where(Subscription.id == subscription_id)
+    ).scalar()
     result = conn.execute(
         update(EventSend)
         .where(
@@ -26,7 +30,7 @@ def replay(conn: Connection, subscription_id: int, *, since: datetime, now: date
         )
         .values(
             state=SendState.PENDING.value,
-            next_attempt_at=now,
+            next_attempt_at=now if disabled is None else NEVER,
             replayed_at=now,
             completed_at=None,
             claimed_until=None,

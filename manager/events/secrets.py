@@ -50,7 +50,9 @@ class Sealer:
         return self._keys().encrypt(secret.encode()).decode()
 
     def open(self, sealed: str) -> str:
+        if self._fernet is None:
+            raise SecretUnreadable("SUBSCRIPTION_KEY is not set")
         try:
-            return self._keys().decrypt(sealed.encode()).decode()
+            return self._fernet.decrypt(sealed.encode()).decode()
         except InvalidToken:
             raise SecretUnreadable("no key in SUBSCRIPTION_KEY opens this secret") from None

@@ -115,12 +115,31 @@ class EventSender:
 
     def send(self, claimed: Claimed) -> Answer:
         """Sign and POST one event; never raises: a failure is an answer too."""
+        try:
+            answer = self._post(claimed)
+        except Exception as exc:  # a bug here must not stop the sender's loop
+            log.exception("sending event %s failed", claimed.webhook_id)
+            answer = Answer(claimed, utcnow(), 0, error=f"not sent: {type(exc).__name__}")
+        count_event_send(answer.delivered, answer.elapsed_ms / 1000)
+        if not answer.delivered:
+            log.info(
+                "event %s to subscription %s: attempt %s failed (%s)",
+                claimed.webhook_id,
+                claimed.subscription_id,
+                claimed.attempt,
+                answer.status if answer.status is not None else answer.error,
+                extra={"attempt": claimed.attempt, "elapsed_ms": answer.elapsed_ms},
+            )
+        return answer
+
+    def _post(self, claimed: Claimed) -> Answer:
         started = time.monotonic()
         at = utcnow()
         try:
             headers = self._headers(claimed)
         except SecretUnreadable as exc:
-            return Answer(claimed, at, 0, error=str(exc))
+            log.warning("event %s cannot be signed: %s", claimed.webhook_id, exc)
+            return Answer(claimed, at, 0, error=f"not sent: {exc}")
         try:
             response = self._session().post(
                 claimed.url,
@@ -141,16 +160,6 @@ class EventSender:
         except requests.RequestException as exc:
             # Only the kind: a message may quote the URL, which may hold a token.
             answer = Answer(claimed, at, _ms(started), error=f"no answer: {type(exc).__name__}")
-        count_event_send(answer.delivered, answer.elapsed_ms / 1000)
-        if not answer.delivered:
-            log.info(
-                "event %s to subscription %s: attempt %s failed (%s)",
-                claimed.webhook_id,
-                claimed.subscription_id,
-                claimed.attempt,
-                answer.status if answer.status is not None else answer.error,
-                extra={"attempt": claimed.attempt, "elapsed_ms": answer.elapsed_ms},
-            )
         return answer
 
     def _headers(self, claimed: Claimed) -> dict[str, str]:

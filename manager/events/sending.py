@@ -8,6 +8,9 @@
   LOCKED on PostgreSQL, so several workers never send one at once; a worker killed
   mid-send leaves its claims to expire, and they go out again, with the same
   `webhook-id`. An answer counts only for the claim it answers (`attempts`).
+- **Disabled subscriptions**: their pending sends are parked (due at NEVER), so that
+  the claim's walk over what is due, in time order, never meets them, however many
+  there are; enabling one makes them due now.
 - **Retries** (`RetryPolicy`): exponential backoff with jitter, for GIVE_UP_AFTER
   from when the send was written (or replayed); then it is failed, and the line moves
   on. A subscription whose every attempt has failed for DISABLE_AFTER, or that
@@ -28,6 +31,8 @@ from manager.clock import iso
 from manager.models import Event, EventAttempt, EventSend, Subscription, Task
 from manager.vocabulary import SendState
 
+# When a parked send is due: after every real time.
+NEVER = datetime(9999, 12, 31)
 GIVE_UP_AFTER = timedelta(days=3)
 DISABLE_AFTER = timedelta(days=3)
 # Standard Webhooks: a receiver answering 410 Gone wants no more.
@@ -289,7 +294,28 @@ def _disable(conn: Connection, sub_id: int, now: datetime, reason: str) -> list[
         .where(Subscription.id == sub_id, Subscription.disabled_at.is_(None))
         .values(disabled_at=now, disabled_reason=f"disabled by the worker: {reason}")
     )
-    return [sub_id] if result.rowcount else []
+    if not result.rowcount:
+        return []
+    park(conn, sub_id)
+    return [sub_id]
+
+
+def park(conn: Connection, subscription_id: int) -> None:
+    """A disabled subscription's pending sends: due never, until it is enabled."""
+    conn.execute(
+        update(EventSend)
+        .where(EventSend.subscription_id == subscription_id, EventSend.state == _PENDING)
+        .values(next_attempt_at=NEVER)
+    )
+
+
+def unpark(conn: Connection, subscription_id: int, now: datetime) -> None:
+    """An enabled subscription's pending sends: due now, in their lines' order."""
+    conn.execute(
+        update(EventSend)
+        .where(EventSend.subscription_id == subscription_id, EventSend.state == _PENDING)
+        .values(next_attempt_at=now)
+    )
 
 
 # Only the claim an answer belongs to may move its send: if the lease ran out and

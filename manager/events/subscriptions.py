@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from manager.clock import iso
 from manager.errors import Conflict, Invalid, NotFound
 from manager.events.secrets import Sealer, new_secret
+from manager.events.sending import park, unpark
 from manager.models import Subscription
 from manager.stored_text import check_storable, reason_problem
 from manager.vocabulary import EventType
@@ -152,11 +153,15 @@ def disable_subscription(
     if sub.disabled_at is None:
         sub.disabled_at = now
         sub.disabled_reason = reason
+        park(session.connection(), sub.id)
     return sub
 
 
-def enable_subscription(session: Session, subscription_id: int) -> Subscription:
+def enable_subscription(session: Session, subscription_id: int, *, now: datetime) -> Subscription:
+    """Send to it again, starting with what is pending."""
     sub = get_subscription(session, subscription_id)
+    if sub.disabled_at is not None:
+        unpark(session.connection(), sub.id, now)
     sub.disabled_at = None
     sub.disabled_reason = None
     sub.failing_since = None

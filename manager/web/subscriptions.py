@@ -158,7 +158,7 @@ def disable(subscription_id: int) -> dict[str, Any]:
 def enable(subscription_id: int) -> dict[str, Any]:
     session = get_session()
     begin_write(session)
-    sub = enable_subscription(session, subscription_id)
+    sub = enable_subscription(session, subscription_id, now=utcnow())
     session.commit()
     return subscription_json(sub, now=utcnow())
 

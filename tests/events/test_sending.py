@@ -20,8 +20,12 @@ from manager.clock import utcnow
 from manager.db import write_connection
 from manager.events.replay import replay
 from manager.events.secrets import Sealer
-from manager.events.sending import Answer, claim, record
-from manager.events.subscriptions import rotate_secret
+from manager.events.sending import NEVER, Answer, claim, record
+from manager.events.subscriptions import (
+    disable_subscription,
+    enable_subscription,
+    rotate_secret,
+)
 from manager.models import EventAttempt, EventSend, Subscription
 from manager.vocabulary import SendState
 
@@ -248,3 +252,38 @@ def test_no_answer_is_logged_and_retried(
     assert attempt.status is None
     assert attempt.error in ("no answer: connection failed", "no answer: timed out")
     assert sends(db)[0].state == SendState.PENDING
+
+
+def test_a_disabled_subscriptions_sends_are_parked_until_it_is_enabled(
+    app: Flask, client: FlaskClient, receiver: Receiver, db: Session
+) -> None:
+    """However many a disabled subscription has pending, the claim never walks them."""
+    sub = subscribe(app, receiver)
+    lifecycle(client)
+    with Session(app.extensions["manager.engine"]) as session:
+        disable_subscription(session, sub.id, reason="maintenance", now=utcnow())
+        session.commit()
+    assert {s.next_attempt_at for s in sends(db)} == {NEVER}
+    with write_connection(app.extensions["manager.engine"]) as conn:
+        # Replayed while disabled: parked too.
+        assert replay(conn, sub.id, since=utcnow() - timedelta(hours=1), now=utcnow()) == 0
+        assert claim(conn, now=utcnow(), limit=10, lease=timedelta(seconds=5)) == []
+    with Session(app.extensions["manager.engine"]) as session:
+        enable_subscription(session, sub.id, now=utcnow())
+        session.commit()
+    drain(sender_for(app), app)
+    assert [r.version for r in receiver.received] == [1, 2, 3, 4]
+
+
+def test_without_the_key_nothing_is_sent_and_the_attempt_says_why(
+    app: Flask, client: FlaskClient, receiver: Receiver, db: Session
+) -> None:
+    subscribe(app, receiver)
+    lifecycle(client)
+    keyless = sender_for(app)
+    keyless.sealer = Sealer(())
+    assert keyless.run_once().retrying == 1
+    db.rollback()
+    attempt = db.scalars(select(EventAttempt)).one()
+    assert attempt.error == "not sent: SUBSCRIPTION_KEY is not set"
+    assert receiver.received == []
