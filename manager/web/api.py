@@ -17,7 +17,7 @@ from manager.params import MAX_PAGE, parse_limit, parse_range, parse_status
 from manager.services import get_dispatcher, get_session, get_settings
 from manager.stops.bulk import BulkSelection, create_batch
 from manager.stops.dispatch import stop_task_now
-from manager.stored_text import check_storable, reason_problem
+from manager.stored_text import check_storable
 from manager.tasks.queries import (
     MAX_ROW_ID,
     TaskFilter,
@@ -33,6 +33,7 @@ from manager.tasks.queries import (
 from manager.tasks.shapes import delivery_json, run_json, stop_request_json, task_json
 from manager.vocabulary import StopState
 from manager.web.auth import require_token
+from manager.web.bodies import json_object, reason_of
 from manager.web.openapi import (
     OWNER,
     SINCE,
@@ -173,7 +174,7 @@ def task_detail(task_id: str) -> dict[str, Any]:
 def stop_task(task_id: str) -> tuple[dict[str, Any], int]:
     """Store the stop, then make the first attempt here; retries are the worker's."""
     task_id = _task_id(task_id)
-    reason = _reason(_json_body())
+    reason = reason_of(json_object())
     force = _force(request.args.get("force"))
     stop, created = stop_task_now(
         get_session(),
@@ -213,10 +214,10 @@ def stop_task(task_id: str) -> tuple[dict[str, Any], int]:
 )
 @require_token
 def bulk_stop() -> tuple[dict[str, Any], int]:
-    body = _json_body()
+    body = json_object()
     _check_selector_text(body)
     selection = BulkSelection.from_json(body)
-    reason = _reason(body)
+    reason = reason_of(body)
     session = get_session()
     begin_write(session)
     batch, skipped = create_batch(
@@ -251,27 +252,6 @@ def batch_detail(batch_id: int) -> dict[str, Any]:
     if batch is None:
         raise NotFound("unknown_batch", f"no stop batch {batch_id}")
     return {"batch": batch_json(session, batch, with_items=True)}
-
-
-def _json_body() -> dict[str, Any]:
-    if not request.get_data():
-        return {}
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise Invalid("invalid_body", "the body must be a JSON object")
-    return body
-
-
-def _reason(body: dict[str, Any]) -> str | None:
-    reason = body.get("reason")
-    if reason is None:
-        return None
-    if not isinstance(reason, str):
-        raise Invalid("invalid_body", "reason must be a string")
-    problem = reason_problem(reason)
-    if problem is not None:
-        raise Invalid("invalid_body", f"reason {problem}")
-    return reason
 
 
 def _task_id(task_id: str) -> str:

@@ -33,10 +33,10 @@ from manager.events.subscriptions import (
 from manager.models import Subscription
 from manager.params import MAX_PAGE, is_number, parse_limit, parse_time
 from manager.services import get_session, get_settings
-from manager.stored_text import reason_problem
 from manager.tasks.queries import MAX_ROW_ID
 from manager.vocabulary import SendState, values
 from manager.web.auth import require_token
+from manager.web.bodies import json_object, reason_of
 from manager.web.openapi import documented, integer_query, json_answer, json_body, or_empty, query
 from manager.web.schemas import enum
 
@@ -68,7 +68,7 @@ DEFAULT_LIMIT = parse_limit(None)
 )
 @require_token
 def create() -> tuple[dict[str, Any], int]:
-    body = _json_object()
+    body = json_object()
     session = get_session()
     begin_write(session)
     made = create_subscription(
@@ -135,7 +135,7 @@ def detail(subscription_id: int) -> dict[str, Any]:
 )
 @require_token
 def disable(subscription_id: int) -> dict[str, Any]:
-    reason = _reason(_json_object()) or f"disabled by {g.operator}"
+    reason = reason_of(json_object()) or f"disabled by {g.operator}"
     session = get_session()
     begin_write(session)
     now = utcnow()
@@ -237,7 +237,7 @@ def delivery_log(subscription_id: int) -> dict[str, Any]:
 )
 @require_token
 def replay_since(subscription_id: int) -> dict[str, Any]:
-    since = _since(_json_object().get("since"))
+    since = _since(json_object().get("since"))
     session = get_session()
     begin_write(session)
     get_subscription(session, subscription_id)
@@ -263,28 +263,6 @@ def _with_secret(made: WithSecret) -> dict[str, Any]:
 
 def _with_health(sub: Subscription, health: Health, now: datetime) -> dict[str, Any]:
     return {**subscription_json(sub, now=now), "health": health.json(now)}
-
-
-def _json_object() -> dict[str, Any]:
-    """The body as a JSON object; none at all reads as an empty one."""
-    if not request.get_data():
-        return {}
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict):
-        raise Invalid("invalid_body", "the body must be a JSON object")
-    return body
-
-
-def _reason(body: dict[str, Any]) -> str | None:
-    reason = body.get("reason")
-    if reason is None:
-        return None
-    if not isinstance(reason, str):
-        raise Invalid("invalid_body", "reason must be a string")
-    problem = reason_problem(reason)
-    if problem is not None:
-        raise Invalid("invalid_body", f"reason {problem}")
-    return reason or None
 
 
 def _since(raw: Any) -> datetime:
