@@ -98,7 +98,7 @@ def upgrade() -> None:
     op.create_index(
         "ix_event_sends_pending_due",
         "event_sends",
-        ["next_attempt_at"],
+        ["next_attempt_at", "id"],
         unique=False,
         sqlite_where=sa.text("state = 'pending'"),
         postgresql_where=sa.text("state = 'pending'"),
