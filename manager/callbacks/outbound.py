@@ -4,7 +4,9 @@ Every path that moves a task (the webhook's callbacks, our accepted stops, `mana
 rebuild`) passes its `Change` here before writing it back; manager/callbacks/outbox.py
 writes what comes back in the same transaction, and manager/events/ sends it.
 
-- Nothing changed (a stale or duplicate callback): no event.
+- Nothing changed (a duplicate, or a stale callback with nothing newer): no event. A
+  callback stale for the task's state may still bring the newest details (input and
+  outputs are their own register): that is a `task.updated`.
 - A run that had ended changed, or went (`Change.rewrote`, a late delivery): one
   `task.revised`.
 - Otherwise one event for where the task now is: `task.started` when a new run began,
@@ -58,7 +60,7 @@ def pass_on(
     as deliveries.settle does); `details` the callback's input and outputs if they are
     the task's now; `at` when the change happened (the event's timestamp).
     """
-    if not change.changed:
+    if not change.changed and details is None:
         return []
     kinds: list[tuple[EventType, tuple[int, Run] | None]] = [
         (EventType.RUN_ENDED, (number, run)) for number, run in _ended_now(task, change)

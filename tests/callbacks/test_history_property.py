@@ -51,12 +51,15 @@ def body(step: Step, task_id: str, owner: str, t0: int) -> dict[str, object]:
             stop_reason=step.stop_reason,
             timestamp=t0 + step.offset,
         )
+    # Outputs of their own for each start and update: only the newest may be the task's.
+    outputs = [{"StreamId": f"out-{step.sequence}-{step.offset}", "Width": 1280}]
     return callback(
         task_id=task_id,
         user_id=owner,
         sequence=step.sequence,
         status="TranscodeStarted" if step.kind == "start" else "TranscodeUpdated",
         timestamp=t0 + step.offset,
+        details={"Input": {"StreamId": f"in-{task_id}"}, "Outputs": outputs},
     )
 
 

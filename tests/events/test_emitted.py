@@ -184,3 +184,24 @@ def test_without_subscriptions_nothing_is_stored_but_versions_grow(
     db.rollback()
     assert db.execute(select(Event)).first() is None
     assert db.execute(select(Task.version)).scalar_one() == 3
+
+
+def test_a_stale_update_with_the_newest_details_passes_them_on(
+    app: Flask, client: FlaskClient, db: Session, receiver: Receiver, auth: dict[str, str]
+) -> None:
+    """The stop came before the update: stale for the task's state, but its outputs are
+    the newest the task has; the last event must carry them, as the API does."""
+    subscribe(app, receiver)
+    t = int(time.time()) - 60
+    post(client, sequence=1, timestamp=t)
+    post(client, "transcode_stop", sequence=3, timestamp=t + 30)
+    newer = {"Input": {"StreamId": "in"}, "Outputs": [{"StreamId": "o2", "Width": 640}]}
+    late = post(client, sequence=2, status="TranscodeUpdated", timestamp=t + 5, details=newer)
+    assert late["verdict"] == "stale"
+    assert types(db) == ["task.started", "run.ended", "task.stopped", "task.updated"]
+    last = events(db)[-1][2]["data"]
+    assert last["task"]["outputs"] == newer["Outputs"]
+    assert last["task"]["status"] == "stopped"
+    served = client.get("/api/tasks/task-1", headers=auth).json["task"]
+    assert served["outputs"] == newer["Outputs"]
+    assert served["version"] == last["version"] == 4
