@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import Connection, func, select
 
 from manager.clock import iso
+from manager.events.sending import PENDING_SINCE
 from manager.models import EventSend, Subscription
 from manager.vocabulary import SendState
 
@@ -43,7 +44,7 @@ def health_by_subscription(
         EventSend.subscription_id,
         EventSend.state,
         func.count(),
-        func.min(EventSend.created_at),
+        func.min(PENDING_SINCE),
     ).group_by(EventSend.subscription_id, EventSend.state)
     if subscription_id is not None:
         query = query.where(EventSend.subscription_id == subscription_id)
@@ -69,7 +70,7 @@ class Outbox:
 
 def outbox_state(conn: Connection) -> Outbox:
     pending, oldest = conn.execute(
-        select(func.count(), func.min(EventSend.created_at)).where(
+        select(func.count(), func.min(PENDING_SINCE)).where(
             EventSend.state == SendState.PENDING.value
         )
     ).one()

@@ -109,6 +109,10 @@ class Recorded:
 
 
 _PENDING = SendState.PENDING.value
+# Since when a send has been pending: written, or replayed. The retry window runs from
+# here, and the oldest pending's age is counted from here (a replay of an old event is
+# not an old wait).
+PENDING_SINCE = func.coalesce(EventSend.replayed_at, EventSend.created_at)
 _earlier = aliased(EventSend)
 
 
@@ -156,7 +160,7 @@ def claim(conn: Connection, *, now: datetime, limit: int, lease: timedelta) -> l
             Task.task_id,
             Event.version,
             Event.body,
-            func.coalesce(EventSend.replayed_at, EventSend.created_at).label("since"),
+            PENDING_SINCE.label("since"),
         )
         .join(Subscription, Subscription.id == EventSend.subscription_id)
         .join(Event, Event.id == EventSend.event_id)

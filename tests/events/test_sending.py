@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from manager.clock import utcnow
 from manager.db import write_connection
+from manager.events.health import health_by_subscription
 from manager.events.replay import replay
 from manager.events.secrets import Sealer
 from manager.events.sending import NEVER, Answer, claim, record
@@ -26,7 +27,7 @@ from manager.events.subscriptions import (
     enable_subscription,
     rotate_secret,
 )
-from manager.models import EventAttempt, EventSend, Subscription
+from manager.models import Event, EventAttempt, EventSend, Subscription
 from manager.vocabulary import SendState
 
 from ..conftest import callback
@@ -287,3 +288,27 @@ def test_without_the_key_nothing_is_sent_and_the_attempt_says_why(
     attempt = db.scalars(select(EventAttempt)).one()
     assert attempt.error == "not sent: SUBSCRIPTION_KEY is not set"
     assert receiver.received == []
+
+
+def test_a_replayed_old_event_waits_and_retries_from_its_replay(
+    app: Flask, client: FlaskClient, receiver: Receiver, db: Session
+) -> None:
+    """Four days old, replayed: its retry window and its wait run from the replay, so a
+    first failure is retried, not given up on, and the oldest pending is not 4 days old."""
+    sub = subscribe(app, receiver)
+    lifecycle(client)
+    sender = sender_for(app)
+    drain(sender, app)
+    engine = app.extensions["manager.engine"]
+    long_ago = utcnow() - timedelta(days=4)
+    with write_connection(engine) as conn:
+        conn.execute(update(EventSend).values(created_at=long_ago))
+        conn.execute(update(Event).values(created_at=long_ago))
+        assert replay(conn, sub.id, since=long_ago, now=utcnow()) == 4
+    with engine.connect() as conn:
+        oldest = health_by_subscription(conn, sub.id)[sub.id].oldest_pending_at
+    assert oldest is not None
+    assert utcnow() - oldest < timedelta(minutes=1)
+    receiver.status = 500
+    assert sender.run_once().retrying == 1
+    assert {s.state for s in sends(db)} == {SendState.PENDING}

@@ -167,3 +167,74 @@ def test_sign_in_and_stop_a_task_in_the_browser(
     assert "running" in rows[-1].text
     assert browser.save_screenshot(str(tmp_path / "task.png"))
     print(f"screenshots: {shot}, dashboard-full.png and task.png beside it")
+
+
+def test_a_subscription_its_delivery_log_and_a_replay_in_the_browser(
+    browser: Any,
+    live_url: str,
+    token: str,
+    app: Any,
+    db: Session,
+    tmp_path: Path,
+) -> None:
+    """From the navigation to a subscription's page, its log, and the replay button."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from manager.events.secrets import Sealer, new_key
+    from manager.events.sender import EventSender
+    from manager.events.subscriptions import create_subscription
+
+    from ..events.receiver import Receiver, serve
+
+    key = new_key()
+    with serve(Receiver()) as receiver:
+        with Session(app.extensions["manager.engine"]) as session:
+            made = create_subscription(
+                session,
+                Sealer((key,)),
+                url=receiver.url,
+                description="billing",
+                now=utcnow(),
+            )
+            session.commit()
+        receiver.secret = made.secret
+        for task_id, owner in (("stream-7f3a", "host-42"), ("lecture-hall-2", "teacher-8")):
+            body = json.dumps(callback(task_id=task_id, user_id=owner, sequence=1))
+            response = requests.post(
+                f"{live_url}/callbacks/zego",
+                data=body,
+                headers={"Content-Type": "application/json"},
+                timeout=10,
+            )
+            assert response.status_code == 200, response.text
+        sender = EventSender(app.extensions["manager.engine"], Sealer((key,)))
+        assert sender.run_once().delivered == 2
+
+    wait = WebDriverWait(browser, WAIT)
+    browser.get(f"{live_url}/")
+    browser.find_element(By.ID, "token").send_keys(token)
+    browser.find_element(By.CSS_SELECTOR, "form button[type=submit]").click()
+    wait.until(ec.presence_of_element_located((By.ID, "running")))
+    browser.find_element(By.CSS_SELECTOR, "nav.nav").find_element(
+        By.LINK_TEXT, "Subscriptions"
+    ).click()
+    table = wait.until(ec.presence_of_element_located((By.ID, "subscriptions")))
+    row = table.find_element(By.CSS_SELECTOR, "tbody tr")
+    assert receiver.url in row.text
+    assert " 0 2 0 " in f" {row.text} "  # pending, delivered, failed
+    assert browser.save_screenshot(str(tmp_path / "subscriptions.png"))
+
+    row.find_element(By.LINK_TEXT, receiver.url).click()
+    log = wait.until(ec.presence_of_element_located((By.ID, "sends")))
+    assert "task.started" in log.text
+    assert "HTTP 204" in log.text
+    assert made.secret not in browser.page_source
+    since = browser.find_element(By.ID, "since")
+    browser.execute_script("arguments[0].value = '2000-01-01T00:00:00'", since)
+    browser.find_element(By.CSS_SELECTOR, "#replay button[type=submit]").click()
+    flash = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, ".flash.ok")))
+    assert "2 events are pending again for subscription" in flash.text
+    assert browser.save_screenshot(str(tmp_path / "subscription.png"))
+    print(f"screenshots: {tmp_path / 'subscriptions.png'} and subscription.png beside it")
