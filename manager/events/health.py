@@ -57,6 +57,11 @@ def health_by_subscription(
     return {sub_id: Health(**entry) for sub_id, entry in counts.items()}
 
 
+def health_of(conn: Connection, subscription_id: int) -> Health:
+    """One subscription's sends by state."""
+    return health_by_subscription(conn, subscription_id).get(subscription_id, Health())
+
+
 @dataclass(frozen=True)
 class Outbox:
     """The outbox in all: for the metrics, read at scrape time, the same on every host."""

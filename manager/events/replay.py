@@ -7,20 +7,32 @@ order (manager/events/sending.py), and the retry window runs from the replay.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import Connection, select, update
 
 from manager.events.sending import NEVER
+from manager.events.subscriptions import no_such_subscription
 from manager.models import Event, EventSend, Subscription
 from manager.vocabulary import SendState
 
 
-def replay(conn: Connection, subscription_id: int, *, since: datetime, now: datetime) -> int:
-    """How many sends are pending again (parked, if the subscription is disabled)."""
-    disabled = conn.execute(
+@dataclass(frozen=True)
+class Replayed:
+    count: int  # sends pending again
+    disabled: bool  # the subscription is disabled: they wait until it is enabled
+
+
+def replay(conn: Connection, subscription_id: int, *, since: datetime, now: datetime) -> Replayed:
+    """The sends pending again (parked, if the subscription is disabled); NotFound when
+    there is no such subscription."""
+    found = conn.execute(
         select(Subscription.disabled_at).where(Subscription.id == subscription_id)
-    ).scalar()
+    ).first()
+    if found is None:
+        raise no_such_subscription(subscription_id)
+    disabled = found.disabled_at is not None
     result = conn.execute(
         update(EventSend)
         .where(
@@ -30,10 +42,10 @@ def replay(conn: Connection, subscription_id: int, *, since: datetime, now: date
         )
         .values(
             state=SendState.PENDING.value,
-            next_attempt_at=now if disabled is None else NEVER,
+            next_attempt_at=NEVER if disabled else now,
             replayed_at=now,
             completed_at=None,
             claimed_until=None,
         )
     )
-    return result.rowcount
+    return Replayed(result.rowcount, disabled)

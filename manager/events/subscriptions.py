@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from manager.clock import iso
 from manager.errors import Conflict, Invalid, NotFound
+from manager.events.health import Health
 from manager.events.secrets import Sealer, new_secret
 from manager.events.sending import park, unpark
 from manager.models import Subscription
@@ -141,8 +142,12 @@ def list_subscriptions(session: Session) -> list[Subscription]:
 def get_subscription(session: Session, subscription_id: int) -> Subscription:
     sub = session.get(Subscription, subscription_id)
     if sub is None:
-        raise NotFound("subscription_not_found", f"no subscription {subscription_id}")
+        raise no_such_subscription(subscription_id)
     return sub
+
+
+def no_such_subscription(subscription_id: int) -> NotFound:
+    return NotFound("subscription_not_found", f"no subscription {subscription_id}")
 
 
 def disable_subscription(
@@ -180,10 +185,13 @@ def rotate_secret(
     return WithSecret(sub, secret)
 
 
-def subscription_json(sub: Subscription, *, now: datetime) -> dict[str, Any]:
-    """A subscription as the API serves it: never its secret."""
+def subscription_json(
+    sub: Subscription, *, now: datetime, health: Health | None = None
+) -> dict[str, Any]:
+    """A subscription as the API serves it (with how its sends fare, when given): never
+    its secret."""
     overlap = sub.previous_secret_until is not None and sub.previous_secret_until > now
-    return {
+    shown = {
         "id": sub.id,
         "url": sub.url,
         "event_types": event_types_of(sub),
@@ -197,3 +205,6 @@ def subscription_json(sub: Subscription, *, now: datetime) -> dict[str, Any]:
         "last_success_at": iso(sub.last_success_at),
         "previous_secret_until": iso(sub.previous_secret_until) if overlap else None,
     }
+    if health is not None:
+        shown["health"] = health.json(now)
+    return shown

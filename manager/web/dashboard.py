@@ -36,8 +36,9 @@ from sqlalchemy.orm import Session
 
 from manager.callbacks.rules import Ending
 from manager.clock import utcnow
+from manager.db import begin_write
 from manager.errors import DomainError, Invalid, NotFound
-from manager.events.health import Health, health_by_subscription
+from manager.events.health import Health, health_by_subscription, health_of
 from manager.events.log import deliveries as delivery_log
 from manager.events.replay import replay
 from manager.events.subscriptions import event_types_of, get_subscription, list_subscriptions
@@ -507,7 +508,7 @@ def subscription(subscription_id: int) -> ResponseReturnValue:
         sub_id=subscription_id,
         sub=found,
         event_types=event_types_of(found),
-        health=health_by_subscription(conn, found.id).get(found.id, Health()),
+        health=health_of(conn, found.id),
         sends=delivery_log(conn, found.id, limit=SEND_ROWS),
         now=now,
         replay_since=(now - REPLAY_SUGGESTION).strftime("%Y-%m-%dT%H:%M"),
@@ -557,14 +558,15 @@ def replay_subscription(subscription_id: int) -> ResponseReturnValue:
         flash("Nothing was replayed: give the time to replay from.", "error")
         return redirect(back)
     db = get_session()
-    found = _find_subscription(db, subscription_id)
-    if found is None:
+    begin_write(db)  # a write from its first statement (SQLite: BEGIN IMMEDIATE)
+    try:
+        replayed = replay(db.connection(), subscription_id, since=since, now=utcnow())
+    except NotFound:
+        db.rollback()
         flash(f"There is no subscription {subscription_id}.", "error")
         return redirect(url_for(".subscriptions"))
-    count = replay(db.connection(), found.id, since=since, now=utcnow())
-    disabled = found.disabled_at is not None
     db.commit()
-    flash(*replay_message(subscription_id, since, count, disabled=disabled))
+    flash(*replay_message(subscription_id, since, replayed.count, disabled=replayed.disabled))
     return redirect(back)
 
 

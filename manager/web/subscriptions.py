@@ -11,12 +11,11 @@ from datetime import datetime
 from typing import Any
 
 from flask import Blueprint, g, request
-from sqlalchemy.orm import Session
 
 from manager.clock import utcnow
 from manager.db import begin_write
 from manager.errors import Invalid
-from manager.events.health import Health, health_by_subscription
+from manager.events.health import Health, health_by_subscription, health_of
 from manager.events.log import deliveries
 from manager.events.replay import replay
 from manager.events.secrets import Sealer
@@ -30,7 +29,6 @@ from manager.events.subscriptions import (
     rotate_secret,
     subscription_json,
 )
-from manager.models import Subscription
 from manager.params import MAX_PAGE, is_number, parse_limit, parse_time
 from manager.services import get_session, get_settings
 from manager.tasks.queries import MAX_ROW_ID
@@ -92,11 +90,11 @@ def create() -> tuple[dict[str, Any], int]:
 @require_token
 def list_all() -> dict[str, Any]:
     session = get_session()
-    health = _health(session)
+    health = health_by_subscription(session.connection())
     now = utcnow()
     return {
         "subscriptions": [
-            _with_health(sub, health.get(sub.id, Health()), now)
+            subscription_json(sub, now=now, health=health.get(sub.id, Health()))
             for sub in list_subscriptions(session)
         ]
     }
@@ -116,8 +114,7 @@ def list_all() -> dict[str, Any]:
 def detail(subscription_id: int) -> dict[str, Any]:
     session = get_session()
     sub = get_subscription(session, subscription_id)
-    health = health_by_subscription(session.connection(), sub.id).get(sub.id, Health())
-    return _with_health(sub, health, utcnow())
+    return subscription_json(sub, now=utcnow(), health=health_of(session.connection(), sub.id))
 
 
 @bp.post(f"{ONE}/disable")
@@ -240,10 +237,9 @@ def replay_since(subscription_id: int) -> dict[str, Any]:
     since = _since(json_object().get("since"))
     session = get_session()
     begin_write(session)
-    get_subscription(session, subscription_id)
-    count = replay(session.connection(), subscription_id, since=since, now=utcnow())
+    replayed = replay(session.connection(), subscription_id, since=since, now=utcnow())
     session.commit()
-    return {"replayed": count}
+    return {"replayed": replayed.count}
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -253,16 +249,8 @@ def _sealer() -> Sealer:
     return Sealer(get_settings().subscription_keys)
 
 
-def _health(session: Session) -> dict[int, Health]:
-    return health_by_subscription(session.connection())
-
-
 def _with_secret(made: WithSecret) -> dict[str, Any]:
     return {**subscription_json(made.subscription, now=utcnow()), "secret": made.secret}
-
-
-def _with_health(sub: Subscription, health: Health, now: datetime) -> dict[str, Any]:
-    return {**subscription_json(sub, now=now), "health": health.json(now)}
 
 
 def _since(raw: Any) -> datetime:

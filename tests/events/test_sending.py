@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from manager.clock import utcnow
 from manager.db import write_connection
 from manager.events.health import health_by_subscription
-from manager.events.replay import replay
+from manager.events.replay import Replayed, replay
 from manager.events.secrets import Sealer
 from manager.events.sending import NEVER, Answer, claim, record
 from manager.events.subscriptions import (
@@ -185,11 +185,11 @@ def test_replay_sends_the_same_events_again_with_their_ids(
     drain(sender, app)
     first = [(r.webhook_id, r.version) for r in receiver.received]
     with write_connection(app.extensions["manager.engine"]) as conn:
-        assert replay(conn, sub.id, since=utcnow() - timedelta(hours=1), now=utcnow()) == 4
+        assert replay(conn, sub.id, since=utcnow() - timedelta(hours=1), now=utcnow()).count == 4
     drain(sender, app)
     assert [(r.webhook_id, r.version) for r in receiver.received] == first + first
     with write_connection(app.extensions["manager.engine"]) as conn:
-        assert replay(conn, sub.id, since=utcnow() + timedelta(hours=1), now=utcnow()) == 0
+        assert replay(conn, sub.id, since=utcnow() + timedelta(hours=1), now=utcnow()).count == 0
 
 
 def test_after_a_rotation_both_secrets_sign_for_a_while(
@@ -267,7 +267,8 @@ def test_a_disabled_subscriptions_sends_are_parked_until_it_is_enabled(
     assert {s.next_attempt_at for s in sends(db)} == {NEVER}
     with write_connection(app.extensions["manager.engine"]) as conn:
         # Replayed while disabled: parked too.
-        assert replay(conn, sub.id, since=utcnow() - timedelta(hours=1), now=utcnow()) == 0
+        replayed = replay(conn, sub.id, since=utcnow() - timedelta(hours=1), now=utcnow())
+        assert replayed == Replayed(0, disabled=True)
         assert claim(conn, now=utcnow(), limit=10, lease=timedelta(seconds=5)) == []
     with Session(app.extensions["manager.engine"]) as session:
         enable_subscription(session, sub.id, now=utcnow())
@@ -304,7 +305,7 @@ def test_a_replayed_old_event_waits_and_retries_from_its_replay(
     with write_connection(engine) as conn:
         conn.execute(update(EventSend).values(created_at=long_ago))
         conn.execute(update(Event).values(created_at=long_ago))
-        assert replay(conn, sub.id, since=long_ago, now=utcnow()) == 4
+        assert replay(conn, sub.id, since=long_ago, now=utcnow()) == Replayed(4, disabled=False)
     with engine.connect() as conn:
         oldest = health_by_subscription(conn, sub.id)[sub.id].oldest_pending_at
     assert oldest is not None
